@@ -1,0 +1,10 @@
+"""HeadKV head-level KV-cache compression as an out-of-tree vLLM plugin."""
+
+__version__ = "0.1.0"
+
+
+def register() -> None:
+    """Entry point of the ``vllm.general_plugins`` group (see ``plugin.register``)."""
+    from headkv_vllm.plugin import register as _register
+
+    _register()

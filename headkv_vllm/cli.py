@@ -1,0 +1,30 @@
+"""``headkv-vllm``: the command-line home of the project's tools."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# subcommand -> (module with main(argv), one-line help)
+COMMANDS = {
+    "prepare-model": ("headkv_vllm.prepare_model", "convert the default model (SmolLM2-135M-Instruct) offline"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="headkv-vllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.print_help()
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    import importlib
+
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

