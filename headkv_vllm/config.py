@@ -22,10 +22,45 @@ class HeadKVConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class HeadKVConfig:
-    """HeadKV settings. Later features add fields here (with ranges checked in
-    ``__post_init__``); parsing and error reporting stay generic."""
+    """HeadKV settings (docs/headkv-method.md).
 
+    kv_size:      average tokens kept per KV head, window included (the paper's "KV size")
+    policy:       'headkv' (score-driven per-head budgets), 'snapkv' (uniform),
+                  'pyramidkv' (linear in depth)
+    scores:       score file for 'headkv'; default: the file in configs/ whose model
+                  identity matches the served model (R2 preferred)
+    beta:         'headkv' pool factor (> 1); smaller = more skewed budgets
+    window:       observation window: the last prompt queries that score, always kept
+    pool_kernel:  max-pool kernel over the window scores (odd)
+    redistribute: give the budget that a short prompt cannot use to the other heads
+    """
+
+    kv_size: int = 128
+    policy: str = "headkv"
+    scores: str | None = None
+    beta: float = 1.01
+    window: int = 8
+    pool_kernel: int = 7
+    redistribute: bool = True
     source: str = dataclasses.field(default="--additional-config", compare=False, repr=False)
+
+    def __post_init__(self):
+        from headkv_vllm.budgets import POLICIES
+
+        where = f"{self.source} key '{CONFIG_KEY}'"
+        if self.policy not in POLICIES:
+            raise HeadKVConfigError(f"{where}: setting 'policy' is {self.policy!r}; use one of {', '.join(POLICIES)}.")
+        if self.window < 1:
+            raise HeadKVConfigError(f"{where}: setting 'window' must be >= 1, got {self.window}.")
+        if self.kv_size <= self.window:
+            raise HeadKVConfigError(
+                f"{where}: setting 'kv_size' ({self.kv_size}) must exceed 'window' ({self.window}): "
+                f"kv_size counts the window. Raise kv_size or lower window."
+            )
+        if not self.beta > 1:
+            raise HeadKVConfigError(f"{where}: setting 'beta' must be > 1 (e.g. 1.01, 1.2, 2), got {self.beta}.")
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise HeadKVConfigError(f"{where}: setting 'pool_kernel' must be odd and >= 1, got {self.pool_kernel}.")
 
     @classmethod
     def known_keys(cls) -> list[str]:

@@ -32,15 +32,18 @@ def register() -> None:
     compat.register_backend_member(BACKEND_PATH)
     compat.route_cpu_platform_to(BACKEND_PATH)
     compat.wrap_check_and_update_config(on_engine_config)
+    from headkv_vllm.kv_spec import register_head_spec
+
+    register_head_spec()
     _registered = True
 
 
 def on_engine_config(vllm_config) -> None:
     """Runs once, in the first process, while the engine config is finalised."""
-    from headkv_vllm.config import HeadKVConfig
+    from headkv_vllm.engine_setup import apply_engine_settings, headkv_from_vllm_config
     from headkv_vllm.vllm_compat import BACKEND_NAME, logger, selected_backend_name
 
     if selected_backend_name(vllm_config) != BACKEND_NAME:
         return
-    config = HeadKVConfig.from_additional_config(vllm_config.additional_config)
-    logger.info("HeadKV plugin active: %s", config)
+    headkv_from_vllm_config(vllm_config)  # bad settings or score files fail here, before the engine starts
+    apply_engine_settings(vllm_config, logger)

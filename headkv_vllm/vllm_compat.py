@@ -137,3 +137,71 @@ def dense_backend_cls() -> type[AttentionBackend]:
     from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
 
     return TritonAttentionBackend
+
+
+# ---------------------------------------------------------------------------
+# Per-head paging: KV-cache spec, manager base, worker hooks.
+#
+# 4. ``KVCacheSpecRegistry.register(HeadKVSpec, HeadKVManager)``.
+#    Why: each layer gets its own spec (one KV-cache group per layer, a block is
+#    one head page) and a manager that counts head pages.
+#    How: public registry; built-in specs register lazily only when the registry
+#    is empty, so ``register_all_kvcache_specs`` runs first.
+# 5. Worker class: ``parallel_config.worker_cls`` is set to ``HeadKVWorker`` (a
+#    subclass of the platform's worker) to turn the layers' specs into per-layer
+#    head-page specs and to hand the model runner's input batch (prompt lengths)
+#    to the metadata builders.
+#    Remove when: ``CommonAttentionMetadata`` carries prompt lengths and backends
+#    can customise specs per layer.
+# ---------------------------------------------------------------------------
+
+from vllm.model_executor.models.utils import extract_layer_index  # noqa: E402
+from vllm.utils.import_utils import resolve_obj_by_qualname  # noqa: E402
+from vllm.utils.math_utils import cdiv  # noqa: E402
+from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager  # noqa: E402
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheLayout  # noqa: E402
+from vllm.v1.attention.backend import MultipleOf  # noqa: E402
+
+__all__ += [
+    "extract_layer_index", "cdiv", "SingleTypeKVCacheManager", "AttentionSpec",
+    "FullAttentionSpec", "KVCacheLayout", "MultipleOf", "register_kv_cache_spec",
+    "platform_worker_cls", "metadata_builders", "num_prompt_tokens",
+]
+
+
+def register_kv_cache_spec(spec_cls, manager_cls) -> None:
+    from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    register_all_kvcache_specs(None)
+    KVCacheSpecRegistry.register(spec_cls, manager_cls, uniform_type_base_spec=spec_cls)
+
+
+def platform_worker_cls() -> type:
+    """The worker class this platform uses by default (CPUWorker / GPU Worker)."""
+    if current_platform.is_cpu():
+        return resolve_obj_by_qualname("vllm.v1.worker.cpu_worker.CPUWorker")
+    return resolve_obj_by_qualname("vllm.v1.worker.gpu_worker.Worker")
+
+
+def metadata_builders(model_runner):
+    for groups in model_runner.attn_groups:
+        for group in groups:
+            yield from group.metadata_builders
+
+
+def num_prompt_tokens(model_runner, num_reqs: int):
+    """Prompt length of each request in the persistent batch, in batch order (CPU int tensor)."""
+    return model_runner.input_batch.num_prompt_tokens_cpu_tensor[:num_reqs]
+
+
+def kv_cache_group_sizes(kv_cache_config) -> list[int]:
+    return [len(g.layer_names) for g in kv_cache_config.kv_cache_groups]
+
+
+def kv_cache_tensor_offsets(kv_cache_config) -> set[int]:
+    return {getattr(t, "offset", 0) for t in kv_cache_config.kv_cache_tensors}
+
+
+def block_table_row_counts(model_runner, group_id: int):
+    return model_runner.input_batch.block_table.block_tables[group_id].num_blocks_per_row

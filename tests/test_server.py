@@ -1,5 +1,6 @@
 """The real OpenAI-compatible server with the HEADKV backend, queried by the openai client."""
 
+import json
 import os
 import socket
 import subprocess
@@ -25,7 +26,7 @@ def server(model_dir, tmp_path_factory):
     cmd = [
         str(vllm_bin), "serve", str(model_dir), "--attention-backend", "headkv",
         "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--enforce-eager",
-        "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", "2048", "--additional-config", json.dumps({"headkv": {"policy": "snapkv", "kv_size": 64}}), "--host", "127.0.0.1", "--port", str(port),
     ]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))

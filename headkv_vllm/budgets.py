@@ -1,0 +1,107 @@
+"""Per-KV-head token budgets (HeadKV, SnapKV, PyramidKV).
+
+Notation of docs/headkv-method.md section 2, per KV head: ``b = kv_size - window``
+prefix tokens are chosen per head on average; ``cap[l][h]`` is head (l, h)'s
+number of chosen prefix tokens; it keeps ``cap + window`` tokens of a long prompt.
+
+For a prompt of ``n`` tokens only ``n - window`` prefix tokens exist. Caps above
+that are clipped and, with ``redistribute=True``, the excess goes to the other
+heads of the model (proportionally to their caps, largest remainder first), so
+the average kept size stays the one asked for as long as the prompt allows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import lru_cache
+
+POLICIES = ("headkv", "snapkv", "pyramidkv")
+PYRAMID_MIN_RATIO = 20  # PyramidKV's default: the top layer keeps b / 20 chosen tokens
+
+
+def headkv_caps(scores: list[list[float]], kv_size: int, window: int, beta: float) -> list[list[int]]:
+    """The authors' allocation: a shared pool split by normalised scores plus a floor."""
+    b = kv_size - window
+    num_layers, num_heads = len(scores), len(scores[0])
+    total = sum(map(sum, scores))
+    pool = math.floor(b / beta) * num_layers * num_heads
+    min_num = b - math.floor(b / beta)
+    # round() is half-to-even, like torch.round in the authors' code
+    return [[round(s / total * pool + min_num) for s in row] for row in scores]
+
+
+def snapkv_caps(num_layers: int, num_heads: int, kv_size: int, window: int) -> list[list[int]]:
+    return [[kv_size - window] * num_heads for _ in range(num_layers)]
+
+
+def pyramidkv_caps(num_layers: int, num_heads: int, kv_size: int, window: int) -> list[list[int]]:
+    """Linear in depth from ``2b - b/20`` (first layer) to ``b/20`` (last); mean ``b``."""
+    b = kv_size - window
+    low = b / PYRAMID_MIN_RATIO
+    high = 2 * b - low
+    step = (high - low) / max(1, num_layers - 1)
+    return [[round(high - layer * step)] * num_heads for layer in range(num_layers)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Budgets:
+    """Caps for every (layer, KV head) and the rule that turns them into kept lengths."""
+
+    caps: tuple[tuple[int, ...], ...]  # [layer][kv_head] chosen prefix tokens for a long prompt
+    window: int
+    redistribute: bool = True
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.caps)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.caps[0])
+
+    def kept(self, prompt_len: int) -> tuple[tuple[int, ...], ...]:
+        """Tokens each head keeps after prefilling ``prompt_len`` tokens (window included)."""
+        return _kept(self.caps, self.window, self.redistribute, prompt_len)
+
+    def summary(self) -> dict[str, float]:
+        flat = [c + self.window for row in self.caps for c in row]
+        return {"min": min(flat), "mean": sum(flat) / len(flat), "max": max(flat)}
+
+
+@lru_cache(maxsize=4096)
+def _kept(caps, window: int, redistribute: bool, n: int) -> tuple[tuple[int, ...], ...]:
+    prefix = n - window
+    if prefix <= 0:
+        return tuple((n,) * len(row) for row in caps)
+    flat = [max(0, c) for row in caps for c in row]
+    chosen = [min(c, prefix) for c in flat]
+    if redistribute:
+        chosen = _redistribute(chosen, sum(flat) - sum(chosen), prefix)
+    width = len(caps[0])
+    return tuple(tuple(c + window for c in chosen[i : i + width]) for i in range(0, len(chosen), width))
+
+
+def _redistribute(chosen: list[int], excess: int, limit: int) -> list[int]:
+    """Give ``excess`` tokens to heads below ``limit``, proportionally to what they hold."""
+    chosen = list(chosen)
+    while excess > 0:
+        open_heads = [i for i, c in enumerate(chosen) if c < limit]
+        if not open_heads:
+            break
+        weights = [chosen[i] + 1 for i in open_heads]
+        total = sum(weights)
+        shares = [excess * w / total for w in weights]
+        grants = [math.floor(s) for s in shares]
+        order = sorted(range(len(open_heads)), key=lambda k: (grants[k] - shares[k], open_heads[k]))
+        for k in order[: excess - sum(grants)]:
+            grants[k] += 1
+        given = 0
+        for i, g in zip(open_heads, grants):
+            take = min(g, limit - chosen[i])
+            chosen[i] += take
+            given += take
+        excess -= given
+        if given == 0:
+            break
+    return chosen

@@ -1,0 +1,98 @@
+"""HeadKV settings that come from the engine config: budgets for the served model,
+and the engine options HeadKV needs (applied once, in the first process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from headkv_vllm.budgets import Budgets, headkv_caps, pyramidkv_caps, snapkv_caps
+from headkv_vllm.config import CONFIG_KEY, HeadKVConfig, HeadKVConfigError
+from headkv_vllm.scores import ModelIdentity, ScoreFileError, available_score_files, find_score_file, load_scores
+
+WORKER_CLS = "headkv_vllm.worker.HeadKVWorker"
+DEFAULT_BLOCK_SIZE = 16  # partially filled last pages cost ~1-4% at an average budget of 128
+
+
+def model_identity(model_config) -> ModelIdentity:
+    hf = model_config.hf_text_config
+    num_heads = hf.num_attention_heads
+    return ModelIdentity(
+        name=Path(str(model_config.model)).name,
+        num_layers=hf.num_hidden_layers,
+        num_query_heads=num_heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", num_heads),
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
+    )
+
+
+def resolve_budgets(config: HeadKVConfig, model: ModelIdentity) -> tuple[Budgets, str]:
+    """The budget table for ``model`` and a description of where it came from."""
+    L, H = model.num_layers, model.num_kv_heads
+    if config.policy == "snapkv":
+        return Budgets(_tup(snapkv_caps(L, H, config.kv_size, config.window)), config.window, config.redistribute), "uniform"
+    if config.policy == "pyramidkv":
+        return Budgets(_tup(pyramidkv_caps(L, H, config.kv_size, config.window)), config.window, config.redistribute), "linear in depth"
+    path = config.scores or find_score_file(model)
+    if path is None:
+        raise HeadKVConfigError(
+            f"{config.source} key '{CONFIG_KEY}': policy 'headkv' needs head scores, and no file in configs/ "
+            f"matches the model '{model.name}' ({model.num_layers} layers, {model.num_query_heads} query heads, "
+            f"{model.num_kv_heads} KV heads, head_dim {model.head_dim}). Available: {available_score_files() or 'none'}. "
+            f"Fix: set 'scores' to a score file for this model (`headkv-vllm score-heads`), "
+            f"or use 'policy': 'snapkv' or 'pyramidkv'."
+        )
+    try:
+        scores = load_scores(path)
+        scores.check_model(model)
+    except ScoreFileError as e:
+        raise HeadKVConfigError(f"{config.source} key '{CONFIG_KEY}' setting 'scores': {e}") from None
+    caps = headkv_caps([list(r) for r in scores.kv_head_scores], config.kv_size, config.window, config.beta)
+    return Budgets(_tup(caps), config.window, config.redistribute), f"scores {path} (probe {scores.probe})"
+
+
+def _tup(rows):
+    return tuple(tuple(int(c) for c in r) for r in rows)
+
+
+def headkv_from_vllm_config(vllm_config) -> tuple[HeadKVConfig, Budgets, str]:
+    config = HeadKVConfig.from_additional_config(vllm_config.additional_config)
+    budgets, origin = resolve_budgets(config, model_identity(vllm_config.model_config))
+    return config, budgets, origin
+
+
+def apply_engine_settings(vllm_config, logger) -> None:
+    """Engine options HeadKV needs; each change is logged with its reason."""
+    sched, cache, par = vllm_config.scheduler_config, vllm_config.cache_config, vllm_config.parallel_config
+    max_len = vllm_config.model_config.max_model_len
+    if cache.enable_prefix_caching:
+        cache.enable_prefix_caching = False
+        logger.info("HeadKV: prefix caching disabled: compressed pages are per request and cannot be shared.")
+    if sched.enable_chunked_prefill or sched.max_num_batched_tokens < max_len:
+        sched.enable_chunked_prefill = False
+        old = sched.max_num_batched_tokens
+        sched.max_num_batched_tokens = max(old, max_len)
+        if sched.max_num_scheduled_tokens is not None:
+            sched.max_num_scheduled_tokens = max(sched.max_num_scheduled_tokens, max_len)
+        logger.info(
+            "HeadKV: chunked prefill disabled and max_num_batched_tokens %d -> %d: each prompt is "
+            "prefilled in one step, because compression scores every prompt token against the "
+            "prompt's last window queries.", old, sched.max_num_batched_tokens,
+        )
+    if not cache.user_specified_block_size:
+        cache.block_size = DEFAULT_BLOCK_SIZE
+    if par.worker_cls in ("auto", _qualname(_platform_worker())):
+        par.worker_cls = WORKER_CLS
+    elif par.worker_cls != WORKER_CLS:
+        raise HeadKVConfigError(
+            f"--worker-cls {par.worker_cls}: HeadKV needs its own worker ({WORKER_CLS}); remove --worker-cls."
+        )
+
+
+def _platform_worker():
+    from headkv_vllm.vllm_compat import platform_worker_cls
+
+    return platform_worker_cls()
+
+
+def _qualname(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"

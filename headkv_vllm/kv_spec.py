@@ -1,0 +1,137 @@
+"""Per-head paging on the scheduler side: the KV-cache spec and its manager.
+
+Every attention layer gets its own :class:`HeadKVSpec`, so each layer is its own
+KV-cache group and one block is one *head page*: ``block_size`` tokens of one KV
+head of one layer (``num_head_slots=1``). All groups alias one pool of head pages.
+The manager only counts: a head's length is a deterministic function of the
+prompt length and the number of tokens, so the scheduler knows every request's
+page needs without hearing from the worker. See docs/kv_layout.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from headkv_vllm.budgets import Budgets
+from headkv_vllm.layout import head_lengths, num_head_pages
+from headkv_vllm.vllm_compat import (
+    AttentionSpec,
+    FullAttentionSpec,
+    SingleTypeKVCacheManager,
+    cdiv,
+    extract_layer_index,
+    register_kv_cache_spec,
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HeadKVSpec(FullAttentionSpec):
+    """One layer's KV cache in head pages. ``budgets`` is the whole model's table
+    (redistribution of unused budget crosses layers); ``layer_index`` picks the row."""
+
+    layer_index: int = -1
+    budgets: Budgets | None = None
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        return False  # compressed pages are not a shareable prefix
+
+    def kept(self, prompt_len: int) -> tuple[int, ...]:
+        return self.budgets.kept(prompt_len)[self.layer_index]
+
+    def pages_needed(self, prompt_len: int, num_tokens: int) -> int:
+        return num_head_pages(self.kept(prompt_len), prompt_len, num_tokens, self.block_size)
+
+    def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
+        return self.num_kv_heads * cdiv(max_len, self.block_size)
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        # Worst case is uncompressed (a short prompt, then a long generation).
+        max_len = vllm_config.model_config.max_model_len
+        return self.num_kv_heads * cdiv(max_len, self.block_size) * self.page_size_bytes
+
+    @classmethod
+    def merge(cls, specs):
+        # vLLM probes mergeability by catching AssertionError.
+        if any(s != specs[0] for s in specs):
+            raise AssertionError("HeadKV: layers never share a KV-cache group (one group per layer).")
+        return specs[0]
+
+    def is_uniform_with_collection(self, kv_cache_specs) -> bool:
+        return all(s == self for s in kv_cache_specs.values())
+
+
+def to_head_specs(specs: dict, budgets: Budgets) -> dict:
+    """Turn the runner's per-layer attention specs into per-layer HeadKVSpecs."""
+    out = {}
+    for name, spec in specs.items():
+        if not isinstance(spec, AttentionSpec) or getattr(spec, "sliding_window", None):
+            raise ValueError(f"HeadKV supports full-attention decoder layers only; layer {name} has {type(spec).__name__}.")
+        layer = extract_layer_index(name)
+        if spec.num_kv_heads != budgets.num_kv_heads or layer >= budgets.num_layers:
+            raise ValueError(
+                f"HeadKV budgets are {budgets.num_layers} layers x {budgets.num_kv_heads} KV heads "
+                f"but layer {name} has {spec.num_kv_heads} KV heads (index {layer})."
+            )
+        out[name] = HeadKVSpec(
+            block_size=spec.block_size,
+            num_kv_heads=spec.num_kv_heads,
+            head_size=spec.head_size,
+            head_size_v=spec.head_size_v,
+            dtype=spec.dtype,
+            kv_quant_mode=spec.kv_quant_mode,
+            num_head_slots=1,
+            layer_index=layer,
+            budgets=budgets,
+        )
+    return out
+
+
+class HeadKVManager(SingleTypeKVCacheManager):
+    """Allocates head pages: ``sum_h ceil(len_h / block_size)`` per layer.
+
+    Pages are appended in the canonical order of docs/kv_layout.md, so the worker
+    maps block-table position -> (head, page) from the lengths alone.
+    """
+
+    def __init__(self, kv_cache_spec: HeadKVSpec, **kwargs):
+        super().__init__(kv_cache_spec, **kwargs)
+        self.prompt_len: dict[str, int] = {}
+
+    def _pages(self, request_id: str, num_tokens: int) -> int:
+        # Before the first real allocation of a fresh request, num_tokens == prompt length.
+        n = self.prompt_len.get(request_id, num_tokens)
+        return self.kv_cache_spec.pages_needed(n, num_tokens)
+
+    def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None):
+        # Nothing is skipped; allocate_slots calls this before every real allocation,
+        # which is where the manager learns the prompt length.
+        if num_prompt_tokens is not None:
+            self.prompt_len[request_id] = num_prompt_tokens
+
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, *args, **kwargs) -> int:
+        if len(new_computed_blocks):
+            raise AssertionError("HeadKV: prefix-cache hits must not happen (prefix caching is off)")
+        held = len(self.req_to_blocks.get(request_id, ()))
+        return max(0, self._pages(request_id, num_tokens) - held)
+
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+        req_blocks = self.req_to_blocks[request_id]
+        n = self._pages(request_id, num_tokens) - len(req_blocks)
+        if n <= 0:
+            return []
+        new = self.block_pool.get_new_blocks(n)
+        req_blocks.extend(new)
+        return new
+
+    def pop_blocks_for_free(self, request_id):
+        self.prompt_len.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
+
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, *args, **kwargs):
+        return tuple([] for _ in kv_cache_group_ids), 0
+
+
+def register_head_spec() -> None:
+    register_kv_cache_spec(HeadKVSpec, HeadKVManager)

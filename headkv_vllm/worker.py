@@ -1,0 +1,41 @@
+"""The worker HeadKV runs on: the platform's own worker plus the per-head page specs."""
+
+from __future__ import annotations
+
+from headkv_vllm.engine_setup import headkv_from_vllm_config
+from headkv_vllm.kv_spec import to_head_specs
+from headkv_vllm.vllm_compat import (
+    kv_cache_group_sizes,
+    kv_cache_tensor_offsets,
+    logger,
+    metadata_builders,
+    platform_worker_cls,
+)
+
+
+class HeadKVWorker(platform_worker_cls()):
+    def get_kv_cache_spec(self):
+        config, budgets, self._budget_origin = headkv_from_vllm_config(self.vllm_config)
+        self._headkv_config, self._budgets = config, budgets
+        return to_head_specs(super().get_kv_cache_spec(), budgets)
+
+    def initialize_from_config(self, kv_cache_config) -> None:
+        sizes = kv_cache_group_sizes(kv_cache_config)
+        if any(n != 1 for n in sizes):
+            raise RuntimeError(f"HeadKV needs one KV-cache group per layer, vLLM made groups of {sizes}.")
+        if kv_cache_tensor_offsets(kv_cache_config) != {0}:
+            raise RuntimeError("HeadKV needs every layer's pages to alias one pool (all tensors at offset 0).")
+        super().initialize_from_config(kv_cache_config)
+        from headkv_vllm.backend import HeadKVMetadataBuilder
+
+        for builder in metadata_builders(self.model_runner):
+            if isinstance(builder, HeadKVMetadataBuilder):
+                builder.bind_runner(self.model_runner)
+        c, s = self._headkv_config, self._budgets.summary()
+        logger.info(
+            "HeadKV: policy=%s kv_size=%d window=%d budgets per KV head (window included) "
+            "min/mean/max=%d/%.1f/%d from %s; pool=%d head pages of %d tokens (%d layers x %d KV heads).",
+            c.policy, c.kv_size, c.window, s["min"], s["mean"], s["max"], self._budget_origin,
+            kv_cache_config.num_blocks, self.cache_config.block_size, self._budgets.num_layers,
+            self._budgets.num_kv_heads,
+        )
