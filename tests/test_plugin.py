@@ -75,7 +75,8 @@ def test_attention_backend_flag_parses(model_dir):
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
-    ns = parser.parse_args(["--model", str(model_dir), "--attention-backend", "headkv", "--dtype", "float32"])
+    ns = parser.parse_args(["--model", str(model_dir), "--attention-backend", "headkv", "--dtype", "float32",
+                            "--additional-config", '{"headkv": {"policy": "snapkv"}}'])
     config = AsyncEngineArgs.from_cli_args(ns).create_engine_config()
     assert config.attention_config.backend.name == "HEADKV"
 

@@ -1,0 +1,42 @@
+import random
+
+import pytest
+import torch
+
+from headkv_vllm.layout import head_lengths, num_head_pages, page_positions
+
+
+def brute_positions(kept, bs, pages_per_head):
+    keys = sorted((j * bs - kept[h], h, j) for h in range(len(kept)) for j in range(pages_per_head + 400))
+    return {(h, j): p for p, (_, h, j) in enumerate(keys)}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_page_positions_are_the_canonical_order(seed):
+    rng = random.Random(seed)
+    heads, bs = rng.choice([1, 3, 8]), rng.choice([1, 8, 16])
+    kept = [rng.randint(1, 80) for _ in range(heads)]
+    pages = 12
+    pos = page_positions(torch.tensor([kept]), bs, pages)[0]
+    rank = brute_positions(kept, bs, pages)
+    assert all(pos[h, j] == rank[(h, j)] for h in range(heads) for j in range(pages))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pages_in_use_are_a_prefix_for_every_length(seed):
+    rng = random.Random(seed)
+    heads, bs = rng.choice([2, 3, 8]), rng.choice([1, 4, 16])
+    kept = [rng.randint(1, 60) for _ in range(heads)]
+    prompt = 64
+    pos = page_positions(torch.tensor([kept]), bs, 128)[0]
+    for generated in range(0, 50, 7):
+        lens = head_lengths(tuple(kept), prompt, prompt + generated)
+        used = sorted(int(pos[h, j]) for h in range(heads) for j in range(-(-lens[h] // bs)))
+        assert used == list(range(len(used)))
+        assert len(used) == num_head_pages(tuple(kept), prompt, prompt + generated, bs)
+
+
+def test_head_lengths_and_pages():
+    assert head_lengths((13, 58), prompt_len=100, num_tokens=100) == [13, 58]
+    assert head_lengths((13, 58), prompt_len=100, num_tokens=103) == [16, 61]
+    assert num_head_pages((13, 58), 100, 103, 16) == 1 + 4
