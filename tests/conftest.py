@@ -5,6 +5,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the kernel tests run the Triton kernels in Triton's interpreter.
+    # triton.jit reads the flag when a kernel is defined, i.e. when any test module
+    # first imports headkv_vllm.kernels, so it must be set before collection.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models" / "SmolLM2-135M-Instruct"
