@@ -1,8 +1,15 @@
-"""Decode attention over per-head pages: one query token per sequence."""
+"""Decode attention over per-head pages, addressed by a padded slot table.
+
+- ``paged_decode_ref``: PyTorch reference.
+- ``paged_decode_triton``: the split-K kernel of ``split_k_decode`` (SLOTS).
+- ``paged_decode``: Triton for CUDA tensors, the reference otherwise.
+"""
 
 from __future__ import annotations
 
 import torch
+
+from .split_k_decode import SLOTS, split_k_decode
 
 
 def paged_decode_ref(
@@ -26,3 +33,21 @@ def paged_decode_ref(
     logits.masked_fill_(~valid[:, :, None, :], float("-inf"))
     out = torch.einsum("bkgl,bkld->bkgd", logits.softmax(dim=-1), values)
     return out.reshape(batch, num_q_heads, d).to(q.dtype)
+
+
+def paged_decode_triton(q, pages, slots, lengths, scale: float) -> torch.Tensor:
+    """Same contract as ``paged_decode_ref``; slots and lengths on q's device."""
+    num_blocks, two, block_size, d = pages.shape
+    if two != 2 or q.shape[2] != d or slots.shape[:2] != lengths.shape or slots.shape[0] != q.shape[0]:
+        raise ValueError(f"shapes do not fit: q {tuple(q.shape)}, pages {tuple(pages.shape)}, "
+                         f"slots {tuple(slots.shape)}, lengths {tuple(lengths.shape)}")
+    s_block, s_kv, s_pos, s_dim = pages.stride()
+    return split_k_decode(q, pages, (s_block, s_kv, s_pos, 0, s_dim), block_size, slots.shape[1],
+                          slots, None, lengths, slots.shape[2], scale, SLOTS)
+
+
+def paged_decode(q, pages, slots, lengths, scale: float) -> torch.Tensor:
+    """The op the backend calls: Triton for CUDA tensors, the reference otherwise."""
+    if q.is_cuda:
+        return paged_decode_triton(q, pages, slots, lengths, scale)
+    return paged_decode_ref(q, pages, slots, lengths, scale)
