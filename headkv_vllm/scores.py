@@ -10,12 +10,18 @@ Format (JSON, one object):
       "kv_aggregation": "sum",             # how query-head scores became KV-head scores
       "query_head_scores": [[float] * Hq] * L,   # optional
       "kv_head_scores": [[float] * Hkv] * L,     # what budgets are computed from
-      "trials": int, "command": str               # provenance
+      "trials": int,                 # trials answered correctly, the ones the scores average
+      "command": str                 # the command that wrote the file
     }
 
 KV-head aggregation: a KV head's score is the SUM of the scores of the query heads
 that share it, so the KV-head scores keep the query-head scores' normalisation
-and a group with one strong retrieval head ranks high.
+and a group with one strong retrieval head ranks high. (Every group has the same
+size, so "mean" would differ by a constant factor and give the same budgets.)
+
+``query_head_scores`` are L1-normalised over all L x Hq heads. When a file has
+them, the reader checks that ``kv_head_scores`` is their aggregation. Other keys
+(``trials_run``, ``grid``, ``seconds``, ...) are provenance and are not read.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import math
 from pathlib import Path
 
 FORMAT = "headkv-scores/1"
+KV_AGGREGATION = "sum"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -48,6 +55,10 @@ class HeadScores:
     model: ModelIdentity
     probe: str
     kv_head_scores: tuple[tuple[float, ...], ...]
+    query_head_scores: tuple[tuple[float, ...], ...] | None = None
+    kv_aggregation: str = KV_AGGREGATION
+    trials: int | None = None
+    command: str | None = None
 
     def check_model(self, model: ModelIdentity) -> None:
         for key in ("num_layers", "num_query_heads", "num_kv_heads", "head_dim"):
@@ -60,10 +71,13 @@ class HeadScores:
                 )
 
 
-def aggregate_to_kv_heads(query_scores: list[list[float]], num_kv_heads: int) -> list[list[float]]:
-    """Sum the scores of the query heads of each GQA group (query head q -> KV head q // G)."""
+def aggregate_to_kv_heads(
+    query_scores: list[list[float]], num_kv_heads: int, how: str = KV_AGGREGATION
+) -> list[list[float]]:
+    """Sum (or average) the scores of the query heads of each GQA group (query head q -> KV head q // G)."""
     group = len(query_scores[0]) // num_kv_heads
-    return [[sum(row[k * group : (k + 1) * group]) for k in range(num_kv_heads)] for row in query_scores]
+    scale = 1 / group if how == "mean" else 1
+    return [[sum(row[k * group : (k + 1) * group]) * scale for k in range(num_kv_heads)] for row in query_scores]
 
 
 def load_scores(path: str | Path) -> HeadScores:
@@ -91,20 +105,108 @@ def load_scores(path: str | Path) -> HeadScores:
         **{k: need(k, int, m, "model.") for k in ("num_layers", "num_query_heads", "num_kv_heads", "head_dim")},
     )
     scores = need("kv_head_scores", list)
-    if len(scores) != model.num_layers or any(not isinstance(r, list) or len(r) != model.num_kv_heads for r in scores):
-        raise ScoreFileError(
-            f"{path}: key 'kv_head_scores' must be {model.num_layers} rows (layers) of "
-            f"{model.num_kv_heads} numbers (KV heads), as 'model' declares."
-        )
-    for layer, row in enumerate(scores):
-        for head, s in enumerate(row):
-            if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s) or s < 0:
-                raise ScoreFileError(
-                    f"{path}: key 'kv_head_scores[{layer}][{head}]' must be a finite number >= 0, got {s!r}."
-                )
+    _check_matrix(path, "kv_head_scores", scores, model.num_layers, model.num_kv_heads, "KV heads")
     if sum(map(sum, scores)) <= 0:
         raise ScoreFileError(f"{path}: key 'kv_head_scores' sums to 0; no head would get a larger budget.")
-    return HeadScores(path, model, str(data.get("probe", "")), tuple(tuple(float(s) for s in r) for r in scores))
+    query = _read_query_head_scores(path, data, model, scores)
+    trials = data.get("trials")
+    if trials is not None and (not isinstance(trials, int) or isinstance(trials, bool) or trials < 0):
+        raise ScoreFileError(f"{path}: key 'trials' must be a count >= 0, got {trials!r}.")
+    return HeadScores(
+        path, model, str(data.get("probe", "")), _tuples(scores), query,
+        kv_aggregation=data.get("kv_aggregation", KV_AGGREGATION), trials=trials, command=data.get("command"),
+    )
+
+
+def _check_matrix(path, key: str, rows, num_layers: int, num_heads: int, what: str) -> None:
+    if not isinstance(rows, list) or len(rows) != num_layers or any(
+        not isinstance(r, list) or len(r) != num_heads for r in rows
+    ):
+        raise ScoreFileError(
+            f"{path}: key '{key}' must be {num_layers} rows (layers) of {num_heads} numbers ({what}), as 'model' declares."
+        )
+    for layer, row in enumerate(rows):
+        for head, s in enumerate(row):
+            if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s) or s < 0:
+                raise ScoreFileError(f"{path}: key '{key}[{layer}][{head}]' must be a finite number >= 0, got {s!r}.")
+
+
+def _read_query_head_scores(path, data: dict, model: ModelIdentity, kv_scores):
+    aggregation = data.get("kv_aggregation", KV_AGGREGATION)
+    if aggregation not in ("sum", "mean"):
+        raise ScoreFileError(f"{path}: key 'kv_aggregation' must be 'sum' (or 'mean'), got {aggregation!r}.")
+    if model.num_query_heads % model.num_kv_heads:
+        raise ScoreFileError(
+            f"{path}: key 'model.num_query_heads' ({model.num_query_heads}) must be a multiple of "
+            f"'model.num_kv_heads' ({model.num_kv_heads})."
+        )
+    if "query_head_scores" not in data:
+        return None
+    query = data["query_head_scores"]
+    _check_matrix(path, "query_head_scores", query, model.num_layers, model.num_query_heads, "query heads")
+    expected = aggregate_to_kv_heads(query, model.num_kv_heads, aggregation)
+    for layer, (want_row, have_row) in enumerate(zip(expected, kv_scores)):
+        for head, (want, have) in enumerate(zip(want_row, have_row)):
+            if not math.isclose(want, have, rel_tol=1e-6, abs_tol=1e-9):
+                raise ScoreFileError(
+                    f"{path}: key 'kv_head_scores[{layer}][{head}]' is {have} but the {aggregation} of its query heads' "
+                    f"'query_head_scores' is {want}. Regenerate the file with `headkv-vllm score-heads` or "
+                    f"`headkv-vllm import-scores`."
+                )
+    return _tuples(query)
+
+
+def _tuples(rows) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(float(s) for s in r) for r in rows)
+
+
+def normalise(scores: list[list[float]]) -> list[list[float]]:
+    """L1-normalise over all heads (the method's normalisation)."""
+    total = sum(map(sum, scores))
+    if not total > 0:
+        raise ScoreFileError("every head scored 0: there is nothing to normalise (were any trials kept?).")
+    return [[s / total for s in row] for row in scores]
+
+
+def write_scores(
+    path: str | Path,
+    model: ModelIdentity,
+    probe: str,
+    query_head_scores: list[list[float]],
+    trials: int,
+    command: str,
+    **provenance,
+) -> Path:
+    """Write a score file from raw per-query-head scores (normalised and aggregated here),
+    and read it back with :func:`load_scores` so that a file that is written is a file the engine accepts."""
+    path = Path(path)
+    query = normalise(query_head_scores)
+    data = {
+        "format": FORMAT,
+        "model": dataclasses.asdict(model),
+        "probe": probe,
+        "kv_aggregation": KV_AGGREGATION,
+        "kv_head_scores": aggregate_to_kv_heads(query, model.num_kv_heads),
+        "query_head_scores": query,
+        "trials": trials,
+        "command": command,
+        **provenance,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_dump(data) + "\n")
+    load_scores(path)
+    return path
+
+
+def _dump(data: dict) -> str:
+    """JSON with one matrix row per line: readable, and diffs stay small."""
+
+    def value(v):
+        if isinstance(v, list) and v and all(isinstance(r, list) for r in v):
+            return "[\n  " + ",\n  ".join(json.dumps(r) for r in v) + "\n ]"
+        return json.dumps(v)
+
+    return "{\n" + ",\n".join(f" {json.dumps(k)}: {value(v)}" for k, v in data.items()) + "\n}"
 
 
 def available_score_files() -> list[str]:
