@@ -34,7 +34,8 @@ def score_file(tmp_path, rows, layers=30, heads=3):
     ({"policy": "snapkv", "kv_sizes": 128}, r"unknown setting\(s\) 'kv_sizes'. Known settings: kv_size, policy"),
     ({"policy": "headkv"}, r"no file in configs/ matches the model 'SmolLM2-135M-Instruct'.*Fix: set 'scores'"),
 ])
-def test_bad_settings(model_dir, headkv, pattern):
+def test_bad_settings(model_dir, headkv, pattern, tmp_path, monkeypatch):
+    monkeypatch.setattr("headkv_vllm.scores.CONFIG_DIR", tmp_path)  # no score files: the default lookup finds none
     with pytest.raises(ValueError, match=pattern):
         make_config(model_dir, headkv)
 
