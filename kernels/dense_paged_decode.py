@@ -45,4 +45,4 @@ def dense_paged_decode_triton(q, kv_cache, block_table, seq_lens, scale: float) 
                          f"block_table {tuple(block_table.shape)}, seq_lens {tuple(seq_lens.shape)}")
     s_kv, s_block, s_pos, s_head, s_dim = kv_cache.stride()
     return split_k_decode(q, kv_cache, (s_block, s_kv, s_pos, s_head, s_dim), block_size, num_kv_heads,
-                          block_table, None, seq_lens, block_table.shape[1] * block_size, scale, DENSE)
+                          block_table, None, seq_lens, block_table.shape[1] * block_size, scale, DENSE, None)

@@ -1,5 +1,5 @@
 """Where a head's page sits in a request's block-table row (docs/kv_layout.md,
-"Page tables", invariant 2), in PyTorch and as a Triton helper:
+"Page tables", invariant 2), in PyTorch and as a Triton function kernels call:
 
     pos(h, j) = sum_h' max(0, ceil((j*bs - kept[h] + kept[h'] + [h' < h]) / bs))
 

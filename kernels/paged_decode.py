@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .split_k_decode import SLOTS, split_k_decode
+from .split_k_decode import HEAD_PAGE_TILES_PER_SPLIT, SLOTS, split_k_decode
 
 
 def paged_decode_ref(
@@ -43,7 +43,7 @@ def paged_decode_triton(q, pages, slots, lengths, scale: float) -> torch.Tensor:
                          f"slots {tuple(slots.shape)}, lengths {tuple(lengths.shape)}")
     s_block, s_kv, s_pos, s_dim = pages.stride()
     return split_k_decode(q, pages, (s_block, s_kv, s_pos, 0, s_dim), block_size, slots.shape[1],
-                          slots, None, lengths, slots.shape[2], scale, SLOTS)
+                          slots, None, lengths, slots.shape[2], scale, SLOTS, HEAD_PAGE_TILES_PER_SPLIT)
 
 
 def paged_decode(q, pages, slots, lengths, scale: float) -> torch.Tensor:

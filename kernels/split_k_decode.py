@@ -100,9 +100,9 @@ def _decode_split(
     if ONE_SPLIT:
         out = out_ptr + b * stride_ob + q_rows[:, None] * stride_oh + dd[None, :] * stride_od
         tl.store(out, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None] & d_ok[None, :])
-    else:
+    else:  # a split past the head's last tile writes nothing; the merge skips it
         row = ((b * tl.num_programs(1) * GROUP + q_rows) * num_splits + split).to(tl.int64) * (BLOCK_D + 2)
-        g_ok = g < GROUP
+        g_ok = g < tl.where(first < last, GROUP, 0)
         tl.store(part_ptr + row[:, None] + dd[None, :], acc, mask=g_ok[:, None])
         tl.store(part_ptr + row + BLOCK_D, m, mask=g_ok)
         tl.store(part_ptr + row + BLOCK_D + 1, l, mask=g_ok)
@@ -111,22 +111,26 @@ def _decode_split(
 @triton.jit
 def _decode_merge(
     part_ptr,  # [B, Hq, S, BLOCK_D + 2] fp32 from _decode_split
+    lengths_ptr,  # [B, Hkv] as for _decode_split
     out_ptr,  # [B, Hq, d]
     num_splits, head_dim,
-    stride_ob, stride_oh, stride_od,
-    SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_lb, stride_lh, stride_ob, stride_oh, stride_od,
+    GROUP: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     hq = tl.program_id(1)
+    # The splits _decode_split gave tiles to (>= 1: every head holds a token).
+    num_tiles = tl.cdiv(tl.load(lengths_ptr + b * stride_lb + (hq // GROUP) * stride_lh), BLOCK_N)
+    used = tl.cdiv(num_tiles, tl.cdiv(num_tiles, num_splits))
     s = tl.arange(0, SPLITS)
-    s_ok = s < num_splits
+    s_ok = s < used
     dd = tl.arange(0, BLOCK_D)
     row = ((b * tl.num_programs(1) + hq) * num_splits + s).to(tl.int64) * (BLOCK_D + 2)
     m = tl.load(part_ptr + row + BLOCK_D, mask=s_ok, other=float("-inf"))
     l = tl.load(part_ptr + row + BLOCK_D + 1, mask=s_ok, other=0.0)
     acc = tl.load(part_ptr + row[:, None] + dd[None, :], mask=s_ok[:, None], other=0.0)
-    m_max = tl.max(m, axis=0)  # finite: split 0 holds the head's first token
-    weight = tl.exp(m - m_max)  # 0 for empty splits (m = -inf)
+    m_max = tl.max(m, axis=0)
+    weight = tl.exp(m - m_max)  # 0 for the splits not used
     out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + dd * stride_od, out.to(out_ptr.dtype.element_ty),
              mask=dd < head_dim)
@@ -134,6 +138,28 @@ def _decode_merge(
 
 _BLOCK_N = 64  # tokens per tile: K and V tiles of [64, d] 16-bit values per step
 _MAX_SPLITS = 128
+# Head pages: at most 4 tiles (256 tokens) per program, so that a long head is
+# spread over programs instead of finishing last. Dense heads are all equally
+# long and split only to fill the device (None).
+HEAD_PAGE_TILES_PER_SPLIT = 4
+
+
+def partials_buffer(shape, device) -> torch.Tensor:
+    """Workspace of the splits' partial results (tests fill it with NaN to check
+    that no unwritten entry is read)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device,
+               max_tiles_per_split: int | None) -> int:
+    """Splits per head, from shapes only (no host sync): enough programs to fill
+    the device and, with ``max_tiles_per_split``, few enough tiles per program that
+    the longest head (HeadKV heads differ by 10x and more) is not the tail."""
+    tiles = triton.cdiv(max(max_len, 1), _BLOCK_N)
+    want = triton.cdiv(4 * num_sms(device), batch * num_kv_heads)
+    if max_tiles_per_split:
+        want = max(want, triton.cdiv(tiles, max_tiles_per_split))
+    return max(1, min(want, tiles, _MAX_SPLITS))
 
 
 def split_k_decode(
@@ -148,6 +174,7 @@ def split_k_decode(
     max_len: int,  # an upper bound of the lengths (from shapes: sizes the split count)
     scale: float,
     addressing: int,
+    max_tiles_per_split: int | None,
 ) -> torch.Tensor:
     batch, num_q_heads, d = q.shape
     if num_q_heads % num_kv_heads:
@@ -161,10 +188,8 @@ def split_k_decode(
         return out
     group = num_q_heads // num_kv_heads
     block_d = pow2_at_least(d, 16)  # tl.dot needs K >= 16
-    # Enough programs to keep every SM busy; a split covers whole tiles.
-    splits = max(1, min(triton.cdiv(4 * num_sms(q.device), batch * num_kv_heads),
-                        triton.cdiv(max(max_len, 1), _BLOCK_N), _MAX_SPLITS))
-    part = torch.empty(batch, num_q_heads, splits, block_d + 2, dtype=torch.float32, device=q.device) if splits > 1 else out
+    splits = num_splits(batch, num_kv_heads, max_len, q.device, max_tiles_per_split)
+    part = partials_buffer((batch, num_q_heads, splits, block_d + 2), q.device) if splits > 1 else out
     if addressing == SLOTS:
         index_strides = index.stride()
     else:
@@ -180,6 +205,7 @@ def split_k_decode(
         UPCAST_DOT=upcast_dot(_decode_split, q.dtype),
     )
     if splits > 1:
-        _decode_merge[(batch, num_q_heads)](part, out, splits, d, *out.stride(),
-                                            SPLITS=pow2_at_least(splits), BLOCK_D=block_d)
+        _decode_merge[(batch, num_q_heads)](part, lengths, out, splits, d, *length_strides, *out.stride(),
+                                            GROUP=group, SPLITS=pow2_at_least(splits), BLOCK_N=_BLOCK_N,
+                                            BLOCK_D=block_d)
     return out

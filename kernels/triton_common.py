@@ -1,4 +1,4 @@
-"""Checks, sizes and small jit helpers shared by the Triton kernels."""
+"""Checks, sizes and small jit functions shared by the Triton kernels."""
 
 from __future__ import annotations
 

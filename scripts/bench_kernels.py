@@ -208,13 +208,14 @@ def bench_decode(context: int, batch: int, kv_sizes, shapes: Shapes, peak, gen, 
         pages, block_rows = head_pages(kept, shapes, dev, gen)
         kept_d = kept.to(dev)
         nbytes = decode_bytes(kept, shapes)
-        ms = _time_ms(lambda: paged_decode_block_table_triton(q, pages, block_rows, kept_d, kept_d, scale))
-        _record(rows, peak, kernel="headkv_block_table", kv_per_head=kv_size, kv_per_head_max=int(kept.max()),
+        max_len = int(kept.max())  # the metadata builder knows it on the host
+        ms = _time_ms(lambda: paged_decode_block_table_triton(q, pages, block_rows, kept_d, kept_d, scale, max_len))
+        _record(rows, peak, kernel="headkv_block_table", kv_per_head=kv_size, kv_per_head_max=max_len,
                 ms=ms, bytes=nbytes, speedup_vs_dense=dense_ms / ms, **common)
-        slots = head_page_slots(block_rows, kept_d, torch.arange(int(kept.max()), device=dev), bs)
+        slots = head_page_slots(block_rows, kept_d, torch.arange(max_len, device=dev), bs)
         ms = _time_ms(lambda: paged_decode_triton(q, pages, slots, kept_d, scale))
         slot_bytes = nbytes + 8 * int(kept.sum())  # plus one int64 slot per token
-        _record(rows, peak, kernel="headkv_slot_table", kv_per_head=kv_size, kv_per_head_max=int(kept.max()),
+        _record(rows, peak, kernel="headkv_slot_table", kv_per_head=kv_size, kv_per_head_max=max_len,
                 ms=ms, bytes=slot_bytes, speedup_vs_dense=dense_ms / ms, **common)
         del pages, slots
     torch.cuda.empty_cache()

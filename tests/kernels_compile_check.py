@@ -107,7 +107,7 @@ def main() -> int:
         return 2
     compiled, seen = set(), set()
     for name, rec in record_launches((torch.bfloat16, torch.float32)).items():
-        for launch_args, kwargs in rec.launches:  # helpers called from kernels have none
+        for launch_args, kwargs in rec.launches:  # jit functions called only from kernels have none
             for arch in args.arch:
                 key, build = compile_launch(rec.fn, launch_args, kwargs, GPUTarget("cuda", arch, 32))
                 if key in seen:

@@ -8,6 +8,7 @@ import torch
 
 from headkv_vllm.kernels.append_decode_kv import append_decode_kv, append_decode_kv_ref, append_decode_kv_triton
 from headkv_vllm.kernels.dense_paged_decode import dense_paged_decode_ref, dense_paged_decode_triton
+from headkv_vllm.kernels import split_k_decode
 from headkv_vllm.kernels.head_page_rows import head_page_slots
 from headkv_vllm.kernels.paged_decode import paged_decode, paged_decode_ref, paged_decode_triton
 from headkv_vllm.kernels.paged_decode_block_table import (
@@ -67,8 +68,11 @@ def test_block_table_decode_matches_reference(hq, hkv, d, block_size, lengths, d
     rows = canonical_rows(kept, lengths, block_size, num_blocks - 1, gen=g).to(DEVICE)
     q, pages = _q_pages(lengths.shape[0], hq, d, num_blocks, block_size, dtype, g)
     kept, lengths = kept.to(DEVICE), lengths.to(DEVICE)
-    got = paged_decode_block_table_triton(q, pages, rows, kept, lengths, d**-0.5)
     expect = paged_decode_block_table_ref(q, pages, rows, kept, lengths, d**-0.5)
+    got = paged_decode_block_table_triton(q, pages, rows, kept, lengths, d**-0.5)
+    torch.testing.assert_close(got, expect, **TOL[dtype])
+    # With the host's max length the grid is sized to the heads, not to the row.
+    got = paged_decode_block_table_triton(q, pages, rows, kept, lengths, d**-0.5, max_len=int(lengths.max()))
     torch.testing.assert_close(got, expect, **TOL[dtype])
 
 
@@ -120,6 +124,18 @@ def test_dense_baseline_matches_reference(hq, hkv, d, block_size, seq_lens, dtyp
     seq_lens = seq_lens.to(DEVICE)
     got = dense_paged_decode_triton(q, kv, table, seq_lens, d**-0.5)
     torch.testing.assert_close(got, dense_paged_decode_ref(q, kv, table, seq_lens, d**-0.5), **TOL[dtype])
+
+
+def test_merge_reads_only_the_splits_that_ran(monkeypatch):
+    # Short heads leave splits empty; they write nothing, so a NaN workspace must not leak.
+    monkeypatch.setattr(split_k_decode, "partials_buffer", lambda shape, device: torch.full(shape, float("nan"), device=device))
+    g = torch.Generator().manual_seed(8)
+    lengths = torch.tensor([[1, 260, 64, 65]])
+    assert split_k_decode.num_splits(1, 4, 260, DEVICE, split_k_decode.HEAD_PAGE_TILES_PER_SPLIT) > 2
+    q, pages = _q_pages(1, 8, 32, 80, 16, torch.float32, g)
+    slots = random_slots(lengths, 16, 79, gen=g).to(DEVICE)
+    got = paged_decode_triton(q, pages, slots, lengths.to(DEVICE), 0.2)
+    torch.testing.assert_close(got, paged_decode_ref(q, pages, slots, lengths.to(DEVICE), 0.2), **TOL[torch.float32])
 
 
 def test_slot_table_shared_across_rows_like_recomputed_tokens():
