@@ -237,11 +237,18 @@ def bench_prefill(context: int, kv_sizes, shapes: Shapes, gen, dev="cuda") -> li
     v = torch.randn_like(k)
     qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
 
-    def attention():
+    def attention():  # what the backend runs
         return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
 
+    def attention_expanded():  # for a torch whose flash kernel lacks GQA (math would not fit at 32k)
+        ke, ve = (x.repeat_interleave(hq // hkv, dim=1) for x in (kt, vt))
+        return _time_ms(lambda: F.scaled_dot_product_attention(qt, ke, ve, is_causal=True, scale=scale))
+
     attn_ms, err = _try(lambda: _time_ms(attention))
-    rows = [dict(context=context, kernel="prefill_attention_sdpa", ms=attn_ms, error=err)]
+    variant = "enable_gqa"
+    if attn_ms is None:
+        (attn_ms, err), variant = _try(attention_expanded), "kv_expanded_to_query_heads"
+    rows = [dict(context=context, kernel="prefill_attention_sdpa", sdpa=variant, ms=attn_ms, error=err)]
     scores = window_scores_triton(q[context - w:], k, scale, shapes.pool_kernel)
     score_ms = _time_ms(lambda: window_scores_triton(q[context - w:], k, scale, shapes.pool_kernel))
     for kv_size in kv_sizes:
