@@ -1,0 +1,102 @@
+"""The KV-cache methods the evaluation and the benchmark compare, as server settings.
+
+    full        stock vLLM, full KV cache (no HEADKV backend)
+    snapkv      HEADKV backend, uniform budgets
+    pyramidkv   HEADKV backend, budgets linear in depth
+    headkv-r    HEADKV backend, budgets from retrieval-head scores ("R")
+    headkv-r2   HEADKV backend, budgets from retrieval-reasoning-head scores ("R2")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from headkv_vllm.scores import CONFIG_DIR, ModelIdentity, ScoreFileError, load_scores
+
+FULL = "full"
+POLICY_OF = {"snapkv": "snapkv", "pyramidkv": "pyramidkv", "headkv-r": "headkv", "headkv-r2": "headkv"}
+PROBE_OF = {"headkv-r": "R", "headkv-r2": "R2"}
+METHODS = (FULL, *POLICY_OF)
+LABELS = {FULL: "Full cache", "snapkv": "SnapKV", "pyramidkv": "PyramidKV", "headkv-r": "HeadKV-R", "headkv-r2": "HeadKV-R2"}
+
+
+class MethodError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    kv_size: int | None  # None for the full cache
+    headkv: dict | None  # the --additional-config "headkv" settings; None = stock backend
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.name] if self.kv_size is None else f"{LABELS[self.name]} @ {self.kv_size}"
+
+
+def parse_names(text: str, option: str) -> list[str]:
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in METHODS]
+    if bad or not names:
+        raise MethodError(f"{option}: unknown method(s) {', '.join(bad) or '(none given)'}; "
+                          f"use a comma-separated list of {', '.join(METHODS)}.")
+    return names
+
+
+def parse_ints(text: str, option: str, minimum: int = 1) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MethodError(f"{option}: {text!r} is not a comma-separated list of integers, e.g. 64,128.") from None
+    if not values or min(values) < minimum:
+        raise MethodError(f"{option}: give integers >= {minimum}, e.g. 64,128; got {text!r}.")
+    return values
+
+
+def model_identity(model_dir: str | Path) -> ModelIdentity:
+    """The served model's shape, read from its config.json (no engine needed)."""
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise MethodError(f"--model: {path} does not exist; pass a local Hugging Face model folder.")
+    hf = json.loads(path.read_text())
+    heads = hf["num_attention_heads"]
+    return ModelIdentity(name=Path(model_dir).name, num_layers=hf["num_hidden_layers"], num_query_heads=heads,
+                         num_kv_heads=hf.get("num_key_value_heads", heads),
+                         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads)
+
+
+def find_probe_scores(model: ModelIdentity, probe: str) -> Path | None:
+    """The score file in ``configs/`` for ``model`` made with exactly ``probe`` ("R" or "R2")."""
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        try:
+            scores = load_scores(path)
+        except ScoreFileError:
+            continue
+        same_shape = dataclasses.astuple(scores.model)[1:] == dataclasses.astuple(model)[1:]
+        if same_shape and scores.model.name.split("/")[-1] == model.name and scores.probe == probe:
+            return path
+    return None
+
+
+def build_methods(names: list[str], kv_sizes: list[int], model: ModelIdentity, score_files: dict[str, str | None],
+                  extra_settings: dict | None = None) -> list[Method]:
+    """One :class:`Method` per (name, KV size); the full cache once. ``score_files`` maps
+    'headkv-r' / 'headkv-r2' to a path, or None to look in ``configs/``."""
+    methods = []
+    for name in names:
+        if name == FULL:
+            methods.append(Method(FULL, None, None))
+            continue
+        settings = {"policy": POLICY_OF[name], **(extra_settings or {})}
+        if name in PROBE_OF:
+            path = score_files.get(name) or find_probe_scores(model, PROBE_OF[name])
+            if path is None:
+                raise MethodError(
+                    f"--methods {name}: no '{PROBE_OF[name]}' score file for {model.name} in configs/. "
+                    f"Pass --scores-{name.split('-')[1]} FILE (made by `headkv-vllm score-heads`) or leave {name} out.")
+            settings["scores"] = str(path)
+        methods += [Method(name, k, {**settings, "kv_size": k}) for k in kv_sizes]
+    return methods

@@ -1,0 +1,88 @@
+"""Figures for ``eval-needle`` (depth x length heatmaps) and ``bench`` (throughput and
+peak concurrency against stock vLLM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def needle_heatmaps(result: dict, out: Path) -> list[Path]:
+    """One PNG per method; one panel per KV size; cell = mean ROUGE-1 recall over the needles."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    plt = _pyplot()
+    cmap = LinearSegmentedColormap.from_list("needle", ["#d7301f", "#fdd835", "#1a9850"])
+    lengths, depths = result["grid"]["lengths"], result["grid"]["depths"]
+    by_method: dict[str, list[dict]] = {}
+    for run in result["runs"]:
+        by_method.setdefault(run["method"], []).append(run)
+    paths = []
+    for method, runs in by_method.items():
+        runs = sorted(runs, key=lambda r: r["kv_size"] or 0)
+        fig, axes = plt.subplots(1, len(runs), figsize=(0.55 * len(lengths) * len(runs) + 1.5, 0.45 * len(depths) + 1.6),
+                                 squeeze=False)
+        for ax, run in zip(axes[0], runs):
+            grid = [[_mean([c["rouge1"] for c in run["cells"] if c["length"] == n and c["depth"] == d])
+                     for n in lengths] for d in depths]
+            image = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+            mean = _mean([c["rouge1"] for c in run["cells"]])
+            ax.set_title(f"{run['label']}: {100 * mean:.1f}", fontsize=9)
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45, fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+            ax.set_xlabel("context length (tokens)", fontsize=8)
+            ax.set_ylabel("needle depth (%)", fontsize=8)
+        fig.colorbar(image, ax=list(axes[0]), fraction=0.03, label="ROUGE-1 recall")
+        fig.suptitle(f"Needle in a haystack, {result['model']}", fontsize=10, y=1.06)
+        path = out / f"heatmap_{method}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def bench_plot(result: dict, path: Path) -> Path:
+    """Output tokens/s and peak running requests of each HEADKV KV size, as multiples of stock."""
+    plt = _pyplot()
+    runs = [c for c in result["configs"] if c.get("kv_size") and "error" not in c]
+    stock = next((c for c in result["configs"] if c["method"] == "full" and "error" not in c), None)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    panels = (("output_tokens_per_s", "output tokens/s"), ("peak_running", "peak concurrent running requests"))
+    for ax, (key, name) in zip(axes, panels):
+        sizes = [c["kv_size"] for c in runs]
+        if stock and stock[key]:
+            values = [c[key] / stock[key] for c in runs]
+            ax.axhline(1.0, color="grey", linestyle="--", label=f"stock vLLM = 1x ({stock[key]:.1f})")
+            ax.set_ylabel(f"{name}, x stock")
+        else:
+            values = [c[key] for c in runs]
+            ax.set_ylabel(name)
+        ax.plot(sizes, values, marker="o", label=runs[0]["config"].split(" @ ")[0] if runs else "HEADKV")
+        for s, v, c in zip(sizes, values, runs):
+            ax.annotate(f"{v:.1f}x" if stock else f"{v:.0f}", (s, v), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.set_xlabel("average KV size (tokens per KV head)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    w = result["workload"]
+    fig.suptitle(f"{result['model']}: {w['num_requests']} requests, {w['prompt_tokens'][0]}-{w['prompt_tokens'][1]} "
+                 f"prompt + {w['output_tokens']} output tokens, KV cache {result['kv_cache_bytes'] / 2**20:.0f} MiB",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

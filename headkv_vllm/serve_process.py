@@ -1,0 +1,193 @@
+"""Start a real ``vllm serve`` process for one configuration, wait until it is
+healthy, read its Prometheus gauges while it works, and stop it cleanly.
+
+Used by ``headkv-vllm eval-needle`` and ``headkv-vllm bench`` so both measure what
+users of the OpenAI-compatible server get.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+START_TIMEOUT_S = 600  # a CPU engine starts in ~30 s, but 2 shared cores can make it much slower
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """One server: stock vLLM when ``headkv`` is None, else the HEADKV backend with these settings."""
+
+    model: str
+    headkv: dict | None = None
+    max_model_len: int = 4096
+    kv_cache_memory_bytes: int | None = None  # None: --gpu-memory-utilization decides
+    gpu_memory_utilization: float = 0.3
+    dtype: str = "float32"
+    enforce_eager: bool = True
+    max_num_seqs: int | None = None
+    extra_args: tuple[str, ...] = ()
+
+    def command(self, port: int) -> list[str]:
+        vllm_bin = Path(sys.executable).with_name("vllm")
+        cmd = [str(vllm_bin), "serve", self.model, "--dtype", self.dtype,
+               "--max-model-len", str(self.max_model_len), "--host", "127.0.0.1", "--port", str(port),
+               "--disable-uvicorn-access-log"]
+        if self.kv_cache_memory_bytes is not None:
+            cmd += ["--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes)]
+        else:
+            cmd += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        if self.enforce_eager:
+            cmd.append("--enforce-eager")
+        if self.max_num_seqs is not None:
+            cmd += ["--max-num-seqs", str(self.max_num_seqs)]
+        if self.headkv is not None:
+            cmd += ["--attention-backend", "headkv", "--additional-config", json.dumps({"headkv": self.headkv})]
+        return cmd + list(self.extra_args)
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VllmServer:
+    """``with VllmServer(config, log_path) as server: server.base_url ...``"""
+
+    def __init__(self, config: ServerConfig, log_path: Path, start_timeout_s: float = START_TIMEOUT_S):
+        self.config = config
+        self.log_path = Path(log_path)
+        self.start_timeout_s = start_timeout_s
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.command = config.command(self.port)
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "VllmServer":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "w") as log:
+            # Own process group, so stopping it also stops the engine core it spawns.
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"vllm serve exited with code {self.proc.returncode} during start-up "
+                                  f"(log {self.log_path}):\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise ServerError(f"vllm serve was not healthy after {self.start_timeout_s:.0f} s "
+                          f"(log {self.log_path}):\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The first and last error lines of the log (vLLM prints the root cause first), else its last lines."""
+        text = self.log_text().splitlines()
+        errors = list(dict.fromkeys(line.strip() for line in text if re.search(r"\b\w+(Error|Exception): ", line)))
+        return "\n".join(errors[:1] + errors[-1:] if len(errors) > 1 else errors) if errors else "\n".join(text[-lines:])
+
+    def headkv_pool(self) -> dict | None:
+        """The HEADKV start-up line: budgets and pool size in head pages."""
+        m = re.search(r"HeadKV: policy=(\S+) kv_size=(\d+) .*?min/mean/max=(\d+)/([\d.]+)/(\d+) from (.*?); "
+                      r"pool=(\d+) head pages of (\d+) tokens", self.log_text())
+        if not m:
+            return None
+        return {"policy": m[1], "kv_size": int(m[2]), "budget_min": int(m[3]), "budget_mean": float(m[4]),
+                "budget_max": int(m[5]), "budget_origin": m[6], "pool_head_pages": int(m[7]), "page_tokens": int(m[8])}
+
+    def stock_pool_tokens(self) -> int | None:
+        """Stock vLLM's start-up line: KV cache size in tokens."""
+        m = re.search(r"\w+ KV cache size: ([\d,]+) tokens", self.log_text())
+        return int(m[1].replace(",", "")) if m else None
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus samples by name (labels dropped; one engine)."""
+        text = httpx.get(f"{self.base_url}/metrics", timeout=5).text
+        return parse_prometheus(text)
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        try:
+            values[name] = values.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return values
+
+
+class GaugeWatcher:
+    """Polls the server's ``/metrics`` in a thread and keeps the maximum of some gauges."""
+
+    def __init__(self, server: VllmServer, names: tuple[str, ...], interval_s: float = 0.1):
+        self.server, self.names, self.interval_s = server, names, interval_s
+        self.peak = {n: 0.0 for n in names}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "GaugeWatcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                values = self.server.metrics()
+            except httpx.HTTPError:
+                values = {}
+            for n in self.names:
+                if n in values:
+                    self.peak[n] = max(self.peak[n], values[n])
+            self.samples += 1
+            self._stop.wait(self.interval_s)

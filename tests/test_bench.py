@@ -1,0 +1,85 @@
+"""``headkv-vllm bench``: workload, KV bytes, latency statistics and options (fast), and
+a small run of stock vLLM and HEADKV servers at the same KV cache size (slow)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from headkv_vllm.bench import parse_args
+from headkv_vllm.bench_run import kv_bytes_per_request, latency_stats, stock_kv_bytes_for, stock_request_bytes
+from headkv_vllm.methods import Method
+from headkv_vllm.scores import ModelIdentity
+
+SMOL = ModelIdentity("SmolLM2-135M-Instruct", 30, 9, 3, 64)
+STOCK_TOKEN_BYTES = 2 * 30 * 3 * 64 * 4  # K and V, 30 layers, 3 KV heads, head_dim 64, float32
+
+
+def test_stock_bytes_count_the_tokens():
+    prompts = [[0] * 100, [0] * 200]  # + 28 output tokens: 128 and 228 tokens
+    assert stock_request_bytes(SMOL, prompts, 28) == (128 + 228) / 2 * STOCK_TOKEN_BYTES
+    assert stock_kv_bytes_for(SMOL, prompts, 28, 4) == int(4 * (128 + 228) / 2 * STOCK_TOKEN_BYTES)
+
+
+def test_headkv_request_bytes_follow_the_budgets():
+    prompts = [[0] * 2500]
+    snap = Method("snapkv", 128, {"policy": "snapkv", "kv_size": 128})
+    # uniform budget 128 + 256 generated = 384 tokens = 24 pages per head, 90 heads, pages of 16 x 64 x 2 x 4 bytes
+    assert kv_bytes_per_request(SMOL, snap, prompts, 256) == 24 * 90 * 16 * 64 * 2 * 4
+    stock = kv_bytes_per_request(SMOL, Method("full", None, None), prompts, 256)
+    assert stock / kv_bytes_per_request(SMOL, snap, prompts, 256) == pytest.approx(2756 / 384, rel=0.01)
+    uncompressed = Method("snapkv", 4096, {"policy": "snapkv", "kv_size": 4096})
+    assert kv_bytes_per_request(SMOL, uncompressed, prompts, 256) == pytest.approx(stock, rel=0.01)
+
+
+def test_latency_statistics():
+    timings = [
+        {"sent": 0.0, "arrivals": [1.0, 1.1, 1.2, 1.3], "tokens": 4, "prompt_tokens": 10},
+        {"sent": 0.0, "arrivals": [3.0, 3.5, 4.0], "tokens": 3, "prompt_tokens": 20},
+    ]
+    s = latency_stats(timings)
+    assert s["duration_s"] == 4.0 and s["output_tokens"] == 7
+    assert s["requests_per_s"] == 0.5 and s["output_tokens_per_s"] == 7 / 4
+    assert s["ttft_mean_s"] == 2.0 and s["ttft_p99_s"] == 3.0
+    assert s["itl_mean_s"] == pytest.approx((0.1 * 3 + 0.5 * 2) / 5) and s["itl_p99_s"] == 0.5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "full"], "--method"),
+    (["--method", "h2o"], "--method"),
+    (["--prompt-tokens", "3000:2000"], "--prompt-tokens"),
+    (["--prompt-tokens", "many"], "--prompt-tokens"),
+    (["--kv-sizes", "4"], "--kv-sizes"),
+    (["--stock-fits", "0"], "--stock-fits"),
+    (["--kv-cache-bytes", "1000", "--stock-fits", "2"], "not allowed with"),
+])
+def test_bad_options_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_small_run_stock_and_headkv_at_the_same_kv_bytes(model_dir, tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "headkv_vllm.cli", "bench", "--model", str(model_dir), "--method", "snapkv",
+           "--kv-sizes", "32", "--num-requests", "6", "--prompt-tokens", "300:400", "--output-tokens", "8",
+           "--stock-fits", "2", "--name", "smoke", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "smoke.json").read_text())
+    stock, headkv = result["configs"]
+    assert stock["method"] == "full" and headkv["kv_size"] == 32
+    for c in (stock, headkv):
+        assert c["output_tokens"] == 6 * 8 and c["ttft_mean_s"] > 0 and c["itl_mean_s"] > 0
+        assert c["peak_running"] >= 1 and c["gauge_samples"] > 0
+        assert "--kv-cache-memory-bytes " + str(result["kv_cache_bytes"]) in c["server"]["command"]
+    # same bytes: the HEADKV pool (head pages of 16 tokens x 64 x K,V x 4 bytes) is the stock pool
+    pool = headkv["server"]["headkv_pool"]["pool_head_pages"] * 16 * 64 * 2 * 4
+    assert pool == pytest.approx(stock["server"]["stock_pool_tokens"] * STOCK_TOKEN_BYTES, rel=0.01)
+    # the stock cache holds about 2 requests; compressed ones all run together
+    assert stock["peak_running"] <= 3 and headkv["peak_running"] == 6
+    assert headkv["peak_running_x_stock"] >= 2
+    assert (out / "smoke.png").stat().st_size > 0 and "stock vLLM" in (out / "smoke.md").read_text()
