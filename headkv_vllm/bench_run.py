@@ -117,7 +117,7 @@ def measure(method: Method, prompts: list[list[int]], kv_bytes: int, args: argpa
     try:
         with VllmServer(config, out / "logs" / f"{args.name}_{slug}.log") as server:
             run["server"] = {"command": "vllm serve " + " ".join(server.command[2:]).replace(str(server.port), "PORT"),
-                             "headkv_pool": server.headkv_pool(), "stock_pool_tokens": server.stock_pool_tokens()}
+                             "headkv_pool": server.headkv_pool(), "vllm_logged_kv_tokens": server.logged_kv_tokens()}
             asyncio.run(_warm_up(server.base_url, args.model))
             before = server.metrics().get(PREEMPTIONS, 0.0)
             with GaugeWatcher(server, GAUGES, POLL_S) as gauges:

@@ -162,7 +162,7 @@ def _evaluate(method: Method, cells: list, chats: list, args: argparse.Namespace
         with VllmServer(config, out / "logs" / f"{slug}.log") as server:
             answers = asyncio.run(_ask_all(server.base_url, args.model, chats, [c[0] for c in cells], args, method.label))
             server_info = {"command": "vllm serve " + shlex.join(server.command[2:]).replace(str(server.port), "PORT"),
-                           "headkv_pool": server.headkv_pool(), "stock_pool_tokens": server.stock_pool_tokens()}
+                           "headkv_pool": server.headkv_pool(), "vllm_logged_kv_tokens": server.logged_kv_tokens()}
     from headkv_vllm.needle_prompts import score
 
     rows = []

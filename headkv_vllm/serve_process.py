@@ -137,8 +137,8 @@ class VllmServer:
         return {"policy": m[1], "kv_size": int(m[2]), "budget_min": int(m[3]), "budget_mean": float(m[4]),
                 "budget_max": int(m[5]), "budget_origin": m[6], "pool_head_pages": int(m[7]), "page_tokens": int(m[8])}
 
-    def stock_pool_tokens(self) -> int | None:
-        """Stock vLLM's start-up line: KV cache size in tokens."""
+    def logged_kv_tokens(self) -> int | None:
+        """vLLM's start-up line "KV cache size: N tokens" (its max concurrency x max_model_len)."""
         m = re.search(r"\w+ KV cache size: ([\d,]+) tokens", self.log_text())
         return int(m[1].replace(",", "")) if m else None
 
