@@ -6,7 +6,8 @@
 - ``HeadKVImpl.forward``: prefill (full causal attention, then score, select and
   store each head's kept tokens) and decode (append, then attend over head pages).
 
-On the CPU the ops are the PyTorch references in ``headkv_vllm.kernels``.
+The ops come from ``headkv_vllm.kernels``: Triton kernels on CUDA, their PyTorch
+references on the CPU.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from headkv_vllm.kernels.paged_decode import paged_decode_ref
-from headkv_vllm.kernels.select_store import select_and_store_ref
-from headkv_vllm.kernels.window_scores import window_scores_ref
+from headkv_vllm.kernels.paged_decode import paged_decode
+from headkv_vllm.kernels.select_store import select_and_store
+from headkv_vllm.kernels.window_scores import window_scores
 from headkv_vllm.layout import page_positions
 from headkv_vllm.vllm_compat import (
     BACKEND_NAME,
@@ -138,8 +139,8 @@ class HeadKVMetadataBuilder(AttentionMetadataBuilder[HeadKVMetadata]):
                 )
             prefills.append(PrefillMeta(
                 start=qsl_list[i], prompt_len=n_prompt, num_tokens=n_tok, window=w,
-                needs_scores=bool((caps < n_prompt - w).any()), caps=caps, lengths=lengths[i],
-                slots=slots[i, :, : int(lengths[i].max())],
+                needs_scores=bool((caps < n_prompt - w).any()), caps=caps.to(self.device),
+                lengths=lengths[i].to(self.device), slots=slots[i, :, : int(lengths[i].max())].to(self.device),
             ))
         decode_rows = is_decode.nonzero().flatten()
         dev = self.device
@@ -203,7 +204,7 @@ class HeadKVImpl(AttentionImpl):
             new_slot = slots.gather(2, (lengths - 1)[:, :, None])[:, :, 0]  # [D, Hkv]
             pages[new_slot // block_size, 0, new_slot % block_size] = k[rows].to(pages.dtype)
             pages[new_slot // block_size, 1, new_slot % block_size] = v[rows].to(pages.dtype)
-            out[rows] = paged_decode_ref(q[rows], pages, slots, lengths, self.scale).to(out.dtype)
+            out[rows] = paged_decode(q[rows], pages, slots, lengths, self.scale).to(out.dtype)
         return output
 
     def _prefill(self, pf: PrefillMeta, q, k, v, pages, out) -> None:
@@ -216,17 +217,17 @@ class HeadKVImpl(AttentionImpl):
         )
         out[s : s + n] = attn[0].transpose(0, 1).to(out.dtype)
         if pf.needs_scores:
-            scores = window_scores_ref(qr[n - w : n], kr[:n], self.scale, self.pool_kernel)
+            scores = window_scores(qr[n - w : n], kr[:n], self.scale, self.pool_kernel)
         else:
             scores = torch.zeros(self.num_kv_heads, n - w, device=q.device)
-        select_and_store_ref(scores, kr, vr, pf.caps, pf.lengths, pf.slots, pages)
+        select_and_store(scores, kr, vr, pf.caps, pf.lengths, pf.slots, pages)
         if t > n:
             # Recomputed generated tokens (after preemption) see the compressed prompt,
             # exactly as they did when first decoded.
             g = torch.arange(1, t - n + 1, device=q.device)
             lengths = pf.lengths[None, :] - (t - n) + g[:, None]
             slots = pf.slots[None].expand(t - n, -1, -1)
-            out[s + n : s + t] = paged_decode_ref(qr[n:], pages, slots, lengths, self.scale).to(out.dtype)
+            out[s + n : s + t] = paged_decode(qr[n:], pages, slots, lengths, self.scale).to(out.dtype)
 
 
 class HeadKVBackend(AttentionBackend):

@@ -1,54 +1,11 @@
 """HEADKV in the real engine against stock vLLM (no compression) and against the
 independent reference (compression), on SmolLM2 in float32."""
 
-import json
-import random
-
 import pytest
-import torch
 
-from conftest import run_llm
-from headkv_vllm.engine_setup import resolve_budgets
+from conftest import SMOL, engine, run_llm
 from headkv_vllm.config import HeadKVConfig
-from headkv_vllm.scores import ModelIdentity
-
-SMOL = ModelIdentity("SmolLM2-135M-Instruct", 30, 9, 3, 64)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
-
-
-@pytest.fixture(scope="module")
-def haystack_ids(tokenizer):
-    from headkv_vllm.haystack import haystack_text
-
-    return tokenizer(haystack_text()[:120000])["input_ids"]
-
-
-@pytest.fixture(scope="module")
-def skewed_scores(tmp_path_factory):
-    """Synthetic, strongly skewed head scores (until real SmolLM2 scores exist)."""
-    rng = random.Random(0)
-    scores = [[rng.paretovariate(1.2) if rng.random() < 0.5 else 0.0 for _ in range(3)] for _ in range(30)]
-    path = tmp_path_factory.mktemp("scores") / "smollm2-synthetic.json"
-    path.write_text(json.dumps({
-        "format": "headkv-scores/1",
-        "model": {"name": SMOL.name, "num_layers": 30, "num_query_heads": 9, "num_kv_heads": 3, "head_dim": 64},
-        "probe": "synthetic", "kv_aggregation": "sum", "kv_head_scores": scores, "trials": 0, "command": "test",
-    }))
-    return str(path)
-
-
-def engine(model_dir, **headkv):
-    kw = dict(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=4096,
-              gpu_memory_utilization=0.3, seed=0, max_num_seqs=8)
-    if headkv:
-        kw.update(attention_backend="headkv", additional_config={"headkv": headkv})
-    return kw
+from headkv_vllm.engine_setup import resolve_budgets
 
 
 @pytest.mark.slow

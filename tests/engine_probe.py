@@ -1,0 +1,70 @@
+"""Runs a real ``vllm.LLM`` with the engine core in this process and records, after
+every engine step, what the scheduler holds: running / waiting requests, free
+pages of the pool, and each running request's pages per KV-cache group.
+
+spec: {"engine": {LLM kwargs}, "prompts": [[token ids]], "sampling": {SamplingParams kwargs}}
+result (printed as ``ENGINE_PROBE_RESULT {json}``):
+  {"num_blocks": int, "free_at_start": int, "free_at_end": int, "block_size": int,
+   "steps": [{"running": int, "waiting": int, "free": int,
+              "requests": [{"id", "prompt_len", "computed", "pages": [per group]}]}],
+   "preemptions": int, "token_ids": {request id: [...]}}
+"""
+
+import json
+import os
+import sys
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler lives in this process
+
+
+def main() -> None:
+    spec = json.loads(sys.stdin.read())
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(**spec["engine"])
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    kv = scheduler.kv_cache_manager
+    pool = kv.block_pool
+    managers = kv.coordinator.single_type_managers
+    free_at_start = pool.get_num_free_blocks()
+
+    params = SamplingParams(**spec["sampling"])
+    for i, prompt in enumerate(spec["prompts"]):
+        engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+
+    steps, token_ids, preempted = [], {}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                token_ids[out.request_id] = list(out.outputs[0].token_ids)
+        for req in scheduler.running:
+            preempted[req.request_id] = req.num_preemptions
+        steps.append({
+            "running": len(scheduler.running),
+            "waiting": len(scheduler.waiting),
+            "free": pool.get_num_free_blocks(),
+            "requests": [
+                {
+                    "id": req.request_id.rsplit("-", 1)[0],  # vLLM appends a random suffix
+                    "prompt_len": req.num_prompt_tokens,
+                    "computed": req.num_computed_tokens,
+                    "pages": [len(m.req_to_blocks.get(req.request_id, ())) for m in managers],
+                }
+                for req in scheduler.running
+            ],
+        })
+    result = {
+        "num_blocks": pool.num_gpu_blocks,
+        "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
+        "free_at_start": free_at_start,
+        "free_at_end": pool.get_num_free_blocks(),
+        "steps": steps,
+        "preemptions": sum(preempted.values()),
+        "token_ids": token_ids,
+    }
+    print("ENGINE_PROBE_RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

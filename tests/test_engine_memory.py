@@ -1,0 +1,101 @@
+"""Per-head paging in the real engine: memory freed by eviction admits more requests,
+the scheduler holds exactly sum_h ceil(len_h / block_size) pages per layer, and
+preemption and a small user token budget change nothing in the outputs."""
+
+import math
+
+import pytest
+
+from conftest import SMOL, engine, run_engine_script, run_llm
+from headkv_vllm.config import HeadKVConfig
+from headkv_vllm.engine_setup import resolve_budgets
+
+BLOCK = 16
+DTYPE_BYTES = 4  # float32
+HEAD_PAGE_BYTES = 2 * BLOCK * SMOL.head_dim * DTYPE_BYTES  # K and V of one head of one layer
+STOCK_BLOCK_BYTES = SMOL.num_layers * SMOL.num_kv_heads * HEAD_PAGE_BYTES  # all layers and heads
+
+
+def probe(spec: dict) -> dict:
+    return run_engine_script("engine_probe.py", spec)
+
+
+def expected_pages(budgets, prompt_len: int, computed: int) -> list[int]:
+    """sum over heads of ceil(len / block_size), per layer, for a request after ``computed`` tokens."""
+    kept = budgets.kept(prompt_len)
+    generated = computed - prompt_len
+    return [sum(math.ceil((min(k, prompt_len) + generated) / BLOCK) for k in row) for row in kept]
+
+
+def check_pages_every_step(result: dict, budgets) -> int:
+    checked = 0
+    for step in result["steps"]:
+        for req in step["requests"]:
+            if req["computed"] >= req["prompt_len"]:
+                assert req["pages"] == expected_pages(budgets, req["prompt_len"], req["computed"]), req
+                checked += 1
+    assert checked > 0
+    return checked
+
+
+def peak_decoding(result: dict) -> int:
+    return max(sum(r["computed"] >= r["prompt_len"] for r in s["requests"]) for s in result["steps"])
+
+
+@pytest.mark.slow
+def test_ten_times_more_long_requests_decode_at_the_same_cache_size(model_dir, haystack_ids, skewed_scores):
+    # The bytes of 250 stock 16-token blocks: one 3k-token request fits under stock vLLM, two do not.
+    cache_bytes = 250 * STOCK_BLOCK_BYTES
+    prompt_len, max_tokens = 3000, 24  # long enough that the first request still decodes when the last is admitted
+    sampling = dict(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    base = dict(max_model_len=3100, kv_cache_memory_bytes=cache_bytes, max_num_seqs=64)
+
+    def prompts(n):
+        return [haystack_ids[i * 1000 : i * 1000 + prompt_len] for i in range(n)]
+
+    stock = probe({"engine": {**engine(model_dir), **base}, "prompts": prompts(2), "sampling": sampling})
+    cfg = {"policy": "headkv", "kv_size": 128, "scores": skewed_scores}
+    headkv = probe({"engine": {**engine(model_dir, **cfg), **base}, "prompts": prompts(12), "sampling": sampling})
+
+    # Same bytes: a stock block holds all layers and heads (its block size is the
+    # platform's), a HEADKV page one head of one layer.
+    stock_token_bytes = STOCK_BLOCK_BYTES // BLOCK
+    assert stock["num_blocks"] == cache_bytes // (stock_token_bytes * stock["block_size"])
+    assert headkv["num_blocks"] == cache_bytes // HEAD_PAGE_BYTES
+    assert peak_decoding(stock) == 1
+    assert peak_decoding(headkv) >= 10 * peak_decoding(stock)
+    assert len(headkv["token_ids"]) == 12 and all(len(t) == max_tokens for t in headkv["token_ids"].values())
+
+    budgets, _ = resolve_budgets(HeadKVConfig.from_mapping(cfg), SMOL)
+    check_pages_every_step(headkv, budgets)
+    for result in (stock, headkv):
+        assert result["free_at_end"] == result["free_at_start"]
+
+
+@pytest.mark.slow
+def test_preemption_and_small_token_budget_keep_outputs(model_dir, haystack_ids, skewed_scores):
+    cfg = {"policy": "headkv", "kv_size": 128, "scores": skewed_scores}
+    budgets, _ = resolve_budgets(HeadKVConfig.from_mapping(cfg), SMOL)
+    lengths = [600, 900, 650, 850, 700, 800, 750, 880]
+    prompts = [haystack_ids[i * 1000 : i * 1000 + n] for i, n in enumerate(lengths)]
+    max_tokens = 100
+    sampling = dict(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    max_len = 1024
+    full = run_llm({"engine": {**engine(model_dir, **cfg), "max_model_len": max_len, "max_num_seqs": 16},
+                    "prompts": prompts, "sampling": sampling})
+
+    # The smallest pool vLLM accepts holds one uncompressed max-length request; the
+    # compressed requests admitted into it outgrow it while decoding.
+    pool = SMOL.num_layers * SMOL.num_kv_heads * math.ceil(max_len / BLOCK) + 200
+    assert pool < sum(sum(expected_pages(budgets, n, n + max_tokens)) for n in lengths)
+    small = probe({
+        "engine": {**engine(model_dir, **cfg), "max_model_len": max_len, "max_num_seqs": 16,
+                   "kv_cache_memory_bytes": (pool + 1) * HEAD_PAGE_BYTES,
+                   # the plugin must raise these to one-step prefill of any prompt
+                   "max_num_batched_tokens": 512, "enable_chunked_prefill": True},
+        "prompts": prompts, "sampling": sampling,
+    })
+    assert small["preemptions"] > 0
+    check_pages_every_step(small, budgets)
+    assert small["free_at_end"] == small["free_at_start"]
+    assert [small["token_ids"][str(i)] for i in range(len(prompts))] == full["token_ids"]
