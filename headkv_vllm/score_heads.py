@@ -131,22 +131,25 @@ class TrialsFile:
         self.path = path
         self.header = json.loads(json.dumps({"format": TRIALS_FORMAT, **header}))  # as read back
         self.records: dict[str, dict] = {}
-        if path.exists() and path.stat().st_size:
-            lines = path.read_text().splitlines()
-            found = json.loads(lines[0])
-            if found != self.header:
-                raise SystemExit(
-                    f"{path}: this trials file was written for {found.get('model', {}).get('name')!r} probe "
-                    f"{found.get('probe')!r} with other settings or needles. Pass another --trials-file, "
-                    f"or delete it to start over."
-                )
-            for line in lines[1:]:
-                with contextlib.suppress(json.JSONDecodeError):  # a line cut short by an interrupt
-                    record = json.loads(line)
-                    self.records[record["key"]] = record
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        raw = path.read_text() if path.exists() else ""
+        text = raw[: raw.rfind("\n") + 1]  # without a last line cut short by an interrupt
+        if not text:
             path.write_text(json.dumps(self.header) + "\n")
+            return
+        if text != raw:
+            path.write_text(text)
+        lines = text.splitlines()
+        found = json.loads(lines[0])
+        if found != self.header:
+            raise SystemExit(
+                f"{path}: this trials file was written for {found.get('model', {}).get('name')!r} probe "
+                f"{found.get('probe')!r} with other settings or needles. Pass another --trials-file, "
+                f"or delete it to start over."
+            )
+        for line in lines[1:]:
+            record = json.loads(line)
+            self.records[record["key"]] = record
 
     def append(self, trial: Trial, result: TrialResult) -> dict:
         record = {"key": trial.key, **dataclasses.asdict(trial), **dataclasses.asdict(result)}

@@ -206,6 +206,8 @@ def test_cli_appends_trials_resumes_and_refuses_without_correct_answers(tmp_path
     first = json.loads(lines[1])
     assert len(first["scores"]) == 2 and len(first["scores"][0]) == 4 and first["key"] == "0/250/0"
 
+    with trials.open("a") as f:
+        f.write('{"key": "1/250/0", "needle"')  # a line cut short by an interrupt
     with pytest.raises(SystemExit, match="none of the 4 trials was answered correctly"):
         score_heads(args)  # a random model answers nothing correctly: no score file
     assert "4 trials, 3 done before" in capsys.readouterr().out
