@@ -106,8 +106,9 @@ def write_heatmap(t: dict, path: Path) -> None:
     from matplotlib.colors import LogNorm
 
     heads = t["heads"]
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(heads[0]) + 2), max(4, 0.22 * len(heads) + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(heads[0]) + 2), max(4, 0.22 * len(heads) + 1.5)))
     image = ax.imshow(heads, aspect="auto", cmap="viridis", norm=LogNorm(vmin=max(1, t["min"]), vmax=max(2, t["max"])))
+    ax.set_xticks(range(0, len(heads[0]), max(1, len(heads[0]) // 16)))
     ax.set_xlabel("KV head" if t["per"] == "kv-head" else "query head")
     ax.set_ylabel("layer")
     ax.set_title(f"{t['model']} {t['probe']}: {t['policy']} KV size {t['kv_size']}, beta {t['beta']}\n"
