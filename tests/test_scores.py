@@ -105,3 +105,18 @@ def test_engine_without_a_matching_file_says_how_to_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(score_files, "CONFIG_DIR", tmp_path)
     with pytest.raises(HeadKVConfigError, match=r"no file in configs/ matches the model 'Tiny-LM'.*Fix: set 'scores'"):
         resolve_budgets(HeadKVConfig(), TINY)
+
+
+@pytest.mark.parametrize("probe", ["R", "R2"])
+def test_committed_smollm2_scores(probe):
+    s = load_scores(score_files.CONFIG_DIR / f"SmolLM2-135M-Instruct_{probe}.json")
+    assert (s.model.num_layers, s.model.num_query_heads, s.model.num_kv_heads, s.model.head_dim) == (30, 9, 3, 64)
+    assert s.probe == probe and s.trials > 0
+    assert s.command.startswith(f"headkv-vllm score-heads models/SmolLM2-135M-Instruct --probe {probe} ")
+    caps = [c for row in headkv_caps([list(r) for r in s.kv_head_scores], 128, 8, 1.01) for c in row]
+    assert max(caps) > 5 * 120 and min(caps) < 10  # visibly non-uniform
+
+
+def test_engine_default_for_smollm2_is_the_r2_file():
+    found = find_score_file(ModelIdentity("SmolLM2-135M-Instruct", 30, 9, 3, 64))
+    assert found == score_files.CONFIG_DIR / "SmolLM2-135M-Instruct_R2.json"
