@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ def run_bench(args: argparse.Namespace, model: ModelIdentity, methods: list[Meth
 
     from headkv_vllm.eval_needle import _portable
     from headkv_vllm.machine import machine_info
+    from headkv_vllm.serve_process import stop_servers_on_sigterm
+
+    stop_servers_on_sigterm()
 
     prompts = make_workload(AutoTokenizer.from_pretrained(args.model), args.num_requests, args.prompt_range, args.seed)
     kv_bytes = args.kv_cache_bytes or stock_kv_bytes_for(model, prompts, args.output_tokens, args.stock_fits)
@@ -41,6 +45,8 @@ def run_bench(args: argparse.Namespace, model: ModelIdentity, methods: list[Meth
         "kv_cache_bytes": kv_bytes,
         "stock_requests_that_fit": kv_bytes / stock_request_bytes(model, prompts, args.output_tokens),
         "configs": [],
+        "note": "load_average_mean: the machine's 1-minute load while a config ran; "
+                f"{os.cpu_count()} cores, shared with other work, so timings of different configs can differ by it",
     }
     json_path = out / f"{args.name}.json"
     for method in methods:
@@ -127,6 +133,7 @@ def measure(method: Method, prompts: list[list[int]], kv_bytes: int, args: argpa
             run["peak_waiting"] = gauges.peak["vllm:num_requests_waiting"]
             run["peak_kv_cache_usage"] = gauges.peak["vllm:kv_cache_usage_perc"]
             run["gauge_samples"] = gauges.samples
+            run["load_average_mean"] = sum(gauges.load_averages) / max(1, len(gauges.load_averages))
     except (ServerError, httpx.HTTPError, OSError) as e:
         run["error"] = f"{type(e).__name__}: {e}"[-3000:]
         print(f"{label}: {run['error']}")
@@ -209,16 +216,16 @@ def bench_table(result: dict) -> str:
             f"server (stock fits {result['stock_requests_that_fit']:.1f} finished requests)\n\n")
     x = lambda v: "-" if v is None else f"{v:.2f}x"
     lines = ["| config | req/s | output tok/s | x stock | TTFT mean / p99 (s) | ITL mean / p99 (ms) | "
-             "peak running | x stock | preemptions | KV MiB / request | duration (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak running | x stock | preemptions | KV MiB / request | duration (s) | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["configs"]:
         if "error" in c:
-            lines.append(f"| {c['config']} | failed: {c['error'][:80]} |" + " |" * 9)
+            lines.append(f"| {c['config']} | failed: {c['error'][:80]} |" + " |" * 10)
             continue
         lines.append(
             f"| {c['config']} | {c['requests_per_s']:.3f} | {c['output_tokens_per_s']:.1f} | "
             f"{x(c.get('output_tokens_per_s_x_stock'))} | {c['ttft_mean_s']:.1f} / {c['ttft_p99_s']:.1f} | "
             f"{1000 * c['itl_mean_s']:.0f} / {1000 * c['itl_p99_s']:.0f} | {c['peak_running']:.0f} | "
             f"{x(c.get('peak_running_x_stock'))} | {c['preemptions']:.0f} | {c['kv_bytes_per_request'] / 2**20:.1f} | "
-            f"{c['duration_s']:.0f} |")
+            f"{c['duration_s']:.0f} | {c.get('load_average_mean', float('nan')):.1f} |")
     return head + "\n".join(lines)

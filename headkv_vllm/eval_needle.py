@@ -104,6 +104,9 @@ def run_eval(args: argparse.Namespace, methods: list[Method], command: str) -> i
 
     from headkv_vllm.machine import machine_info
     from headkv_vllm.needle_prompts import NeedlePrompts
+    from headkv_vllm.serve_process import stop_servers_on_sigterm
+
+    stop_servers_on_sigterm()
 
     prompts = NeedlePrompts(AutoTokenizer.from_pretrained(args.model))
     cells = [(n, length, depth) for n in args.needle_list for length in args.length_list for depth in args.depth_list]

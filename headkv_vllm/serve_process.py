@@ -60,6 +60,14 @@ class ServerError(RuntimeError):
     pass
 
 
+def stop_servers_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so ``with VllmServer(...)`` blocks stop their server."""
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,6 +177,7 @@ class GaugeWatcher:
         self.server, self.names, self.interval_s = server, names, interval_s
         self.peak = {n: 0.0 for n in names}
         self.samples = 0
+        self.load_averages: list[float] = []  # 1-minute load of the machine: other work skews timings
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -190,4 +199,5 @@ class GaugeWatcher:
                 if n in values:
                     self.peak[n] = max(self.peak[n], values[n])
             self.samples += 1
+            self.load_averages.append(os.getloadavg()[0])
             self._stop.wait(self.interval_s)
