@@ -132,10 +132,11 @@ class HeadKVMetadataBuilder(AttentionMetadataBuilder[HeadKVMetadata]):
             w = min(window, n_prompt)
             caps = torch.minimum(kept[i], torch.tensor(n_prompt)) - w
             if self.layer == 0 and real:
+                model_kept = self.spec.budgets.kept(n_prompt)
+                mean_kept = sum(map(sum, model_kept)) / (len(model_kept) * len(model_kept[0]))
                 logger.info(
-                    "HeadKV request %s: prompt %d tokens, kept %.1f per KV head on average (%.1f%%).",
-                    self.runner.input_batch.req_ids[i], n_prompt, float(caps.float().mean() + w),
-                    100.0 * float(caps.float().mean() + w) / n_prompt,
+                    "HeadKV request %s: prompt %d tokens, kept %.1f per KV head on average over all layers (%.1f%%).",
+                    self.runner.input_batch.req_ids[i], n_prompt, mean_kept, 100.0 * mean_kept / n_prompt,
                 )
             prefills.append(PrefillMeta(
                 start=qsl_list[i], prompt_len=n_prompt, num_tokens=n_tok, window=w,
