@@ -69,7 +69,8 @@ def haystack_ids(tokenizer):
 
 @pytest.fixture(scope="session")
 def skewed_scores(tmp_path_factory):
-    """Synthetic, strongly skewed head scores (until real SmolLM2 scores exist)."""
+    """Synthetic, strongly skewed head scores (half the heads 0, a heavy tail): harsher
+    than the committed SmolLM2 scores, so budgets range from 10 to ~1750 tokens."""
     rng = random.Random(0)
     scores = [[rng.paretovariate(1.2) if rng.random() < 0.5 else 0.0 for _ in range(3)] for _ in range(30)]
     path = tmp_path_factory.mktemp("scores") / "smollm2-synthetic.json"
