@@ -68,7 +68,10 @@ def guess_name_and_probe(path: Path) -> tuple[str, str | None]:
 def model_shape(args, name: str, num_layers: int, num_heads: int) -> tuple[int, int]:
     if args.config:
         path = args.config / "config.json" if args.config.is_dir() else args.config
-        config = json.loads(path.read_text())
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ScoreFileError(f"{path}: cannot read the model config ({e}); pass the model's config.json.") from None
         config = config.get("text_config", config)
         for key, have in (("num_hidden_layers", num_layers), ("num_attention_heads", num_heads)):
             if config.get(key) != have:

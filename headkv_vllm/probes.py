@@ -189,8 +189,11 @@ def rouge1_recall(answer: str, reference: str) -> float:
     return sum(overlap.values()) / sum(ref.values())
 
 
+PUNCTUATION = set(string.punctuation)
+
+
 def _qa_tokens(text: str) -> list[str]:
-    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    text = "".join(c for c in text.lower() if c not in PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return text.split()
 

@@ -74,6 +74,12 @@ def test_import_errors(tmp_path, changes, args, pattern):
         import_scores([str(src), "--output", str(tmp_path / "out.json"), *args])
 
 
+def test_missing_model_config(tmp_path):
+    src, _ = published(tmp_path)
+    with pytest.raises(SystemExit, match=r"nowhere.json: cannot read the model config"):
+        import_scores([str(src), "--config", str(tmp_path / "nowhere.json")])
+
+
 def test_probe_must_be_given_when_the_name_does_not_tell(tmp_path):
     src, _ = published(tmp_path, name="scores.json")
     with pytest.raises(SystemExit, match="cannot tell the probe from the file name; pass --probe R or --probe R2"):

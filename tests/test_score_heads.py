@@ -20,10 +20,9 @@ from headkv_vllm.probes import (
     qa_f1,
     rouge1_recall,
 )
-from headkv_vllm.score_heads import ProbeRunner, mean_of_correct
-from headkv_vllm.scores import ScoreFileError, load_scores, write_scores
-from headkv_vllm.score_heads import model_identity
+from headkv_vllm.score_heads import ProbeRunner, mean_of_correct, model_identity
 from headkv_vllm.score_heads import main as score_heads
+from headkv_vllm.scores import ModelIdentity, ScoreFileError, load_scores, write_scores
 
 SPAN = (4, 7)  # needle tokens at positions 4, 5, 6
 
@@ -81,8 +80,6 @@ def test_mean_over_correct_trials_only():
 
 
 def test_scores_are_l1_normalised_over_all_heads(tmp_path):
-    from headkv_vllm.scores import ModelIdentity
-
     model = ModelIdentity("Tiny-LM", 2, 2, 1, 8)
     path = write_scores(tmp_path / "s.json", model, "R", [[0.5, 0.0], [1.0, 2.0]], trials=2, command="test")
     s = load_scores(path)
