@@ -29,6 +29,7 @@ class LlamaReference:
         self.inv_freq = 1.0 / theta ** (torch.arange(0, self.d, 2, dtype=torch.float64) / self.d)
         self.embed = self.w["model.embed_tokens.weight"]
         self.lm_head = self.w.get("lm_head.weight", self.embed)
+        self._prefills: dict = {}
 
     def _norm(self, x, weight):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
@@ -61,15 +62,19 @@ class LlamaReference:
         return self._norm(x, self.w["model.norm.weight"]) @ self.lm_head.T
 
     @torch.no_grad()
-    def generate(self, prompt: list[int], kept: list[list[int]], window: int, pool_kernel: int, steps: int):
-        """Greedy tokens and per-step log-softmax rows, with head (l, h) keeping
-        ``kept[l][h]`` prompt tokens (window included)."""
+    def _prefill(self, prompt: tuple[int, ...], window: int, pool_kernel: int):
+        """Full causal prefill: per layer and KV head the prompt's K, V and the prefix
+        positions ranked by pooled window score; the last position's hidden state.
+        Independent of the budgets, so it is computed once per prompt."""
+        key = (prompt, window, pool_kernel)
+        if key in self._prefills:
+            return self._prefills[key]
         n = len(prompt)
         scale = self.d ** -0.5
         group = self.Hq // self.Hkv
         x = self.embed[torch.tensor(prompt)]
         pos = torch.arange(n)
-        cache = []  # cache[l][h] = (K [len, d], V [len, d])
+        ranked = []  # ranked[l][h] = (K [n, d], V [n, d], prefix positions best first)
         for layer in range(self.L):
             q, k, v = self._qkv(layer, x, pos)
             heads, attn = [], torch.empty_like(q)
@@ -79,9 +84,21 @@ class LlamaReference:
                 mask = torch.ones(n, n, dtype=torch.bool).tril()
                 probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)
                 attn[:, h * group : (h + 1) * group] = torch.einsum("gnm,md->ngd", probs, v[:, h])
-                heads.append(self._select(probs, k[:, h], v[:, h], kept[layer][h], window, pool_kernel))
-            cache.append(heads)
+                heads.append((k[:, h].clone(), v[:, h].clone(), self._rank(probs, window, pool_kernel)))
+            ranked.append(heads)
             x = self._finish_layer(layer, x, attn)
+        self._prefills[key] = ranked, x[-1:].clone()
+        return self._prefills[key]
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], kept: list[list[int]], window: int, pool_kernel: int, steps: int):
+        """Greedy tokens and per-step log-softmax rows, with head (l, h) keeping
+        ``kept[l][h]`` prompt tokens (window included)."""
+        n = len(prompt)
+        scale = self.d ** -0.5
+        group = self.Hq // self.Hkv
+        ranked, x = self._prefill(tuple(prompt), window, pool_kernel)
+        cache = [[self._select(*ranked[l][h], kept[l][h], window) for h in range(self.Hkv)] for l in range(self.L)]
         logits = self._logits(x[-1:])[0]
         tokens, logprobs = [], []
         for step in range(steps):
@@ -106,15 +123,22 @@ class LlamaReference:
         return tokens, torch.stack(logprobs)
 
     @staticmethod
-    def _select(probs, k, v, keep, window, pool_kernel):
+    def _rank(probs, window, pool_kernel) -> list[int]:
         """probs: [G, n, n] causal attention of the group's query heads."""
+        n = probs.shape[-1]
+        w = min(window, n)
+        score = probs[:, n - w :, : n - w].mean(dim=(0, 1))  # window rows, prefix columns
+        if n - w == 0:
+            return []
+        pooled = F.max_pool1d(score[None, None], pool_kernel, stride=1, padding=pool_kernel // 2)[0, 0]
+        return sorted(range(n - w), key=lambda i: (-float(pooled[i]), i))  # ties: lower position first
+
+    @staticmethod
+    def _select(k, v, order, keep, window):
         n = k.shape[0]
         if keep >= n:
             return k.clone(), v.clone()
         w = min(window, n)
-        score = probs[:, n - w :, : n - w].mean(dim=(0, 1))  # window rows, prefix columns
-        pooled = F.max_pool1d(score[None, None], pool_kernel, stride=1, padding=pool_kernel // 2)[0, 0]
-        order = sorted(range(n - w), key=lambda i: (-float(pooled[i]), i))  # ties: lower position first
         top = torch.tensor(sorted(order[: keep - w]), dtype=torch.long)
         idx = torch.cat([top, torch.arange(n - w, n)])
         return k[idx].clone(), v[idx].clone()

@@ -26,6 +26,14 @@ def test_no_compression_equals_stock(model_dir, haystack_ids, skewed_scores):
             assert short and [out["token_ids"][i] for i in short] == [stock["token_ids"][i] for i in short]
 
 
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """One reference for all cases: it prefills each prompt once."""
+    from headkv_reference import LlamaReference
+
+    return LlamaReference(model_dir)
+
+
 # Logprob tolerance: both sides are float32 and select the same tokens (ties of
 # max-pooled scores go to the lower position); what remains is summation order.
 LOGPROB_ATOL = 1e-3
@@ -34,9 +42,7 @@ LOGPROB_ATOL = 1e-3
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_size", [64, 128])
 @pytest.mark.parametrize("policy", ["headkv", "snapkv", "pyramidkv"])
-def test_compressed_matches_reference(model_dir, haystack_ids, policy, kv_size):
-    from headkv_reference import LlamaReference
-
+def test_compressed_matches_reference(model_dir, haystack_ids, reference, policy, kv_size):
     # headkv: the committed SmolLM2 R2 scores, found by the engine's default lookup
     cfg = {"policy": policy, "kv_size": kv_size}
     prompts = [haystack_ids[1000:2000], haystack_ids[12000:14800]]
@@ -44,11 +50,10 @@ def test_compressed_matches_reference(model_dir, haystack_ids, policy, kv_size):
     out = run_llm({"engine": engine(model_dir, **cfg), "prompts": prompts,
                    "sampling": dict(temperature=0.0, max_tokens=steps, ignore_eos=True, logprobs=5)})
     budgets, _ = resolve_budgets(HeadKVConfig.from_mapping(cfg), SMOL)
-    ref = LlamaReference(model_dir)
     for i, prompt in enumerate(prompts):
         kept = [list(row) for row in budgets.kept(len(prompt))]
         assert sum(map(sum, kept)) / (30 * 3) <= kv_size + 1  # compression really happened
-        tokens, logprobs = ref.generate(prompt, kept, window=8, pool_kernel=7, steps=steps)
+        tokens, logprobs = reference.generate(prompt, kept, window=8, pool_kernel=7, steps=steps)
         assert out["token_ids"][i] == tokens, f"prompt {i}: greedy tokens differ from the reference"
         for step in range(steps):
             for token, lp in out["logprobs"][i][step].items():
