@@ -11,11 +11,15 @@ def brute_positions(kept, bs, pages_per_head):
     return {(h, j): p for p, (_, h, j) in enumerate(keys)}
 
 
+def random_heads(seed, head_counts, block_sizes, max_kept):
+    rng = random.Random(seed)
+    heads, bs = rng.choice(head_counts), rng.choice(block_sizes)
+    return heads, bs, [rng.randint(1, max_kept) for _ in range(heads)]
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_page_positions_are_the_canonical_order(seed):
-    rng = random.Random(seed)
-    heads, bs = rng.choice([1, 3, 8]), rng.choice([1, 8, 16])
-    kept = [rng.randint(1, 80) for _ in range(heads)]
+    heads, bs, kept = random_heads(seed, [1, 3, 8], [1, 8, 16], 80)
     pages = 12
     pos = page_positions(torch.tensor([kept]), bs, pages)[0]
     rank = brute_positions(kept, bs, pages)
@@ -24,9 +28,7 @@ def test_page_positions_are_the_canonical_order(seed):
 
 @pytest.mark.parametrize("seed", range(20))
 def test_pages_in_use_are_a_prefix_for_every_length(seed):
-    rng = random.Random(seed)
-    heads, bs = rng.choice([2, 3, 8]), rng.choice([1, 4, 16])
-    kept = [rng.randint(1, 60) for _ in range(heads)]
+    heads, bs, kept = random_heads(seed, [2, 3, 8], [1, 4, 16], 60)
     prompt = 64
     pos = page_positions(torch.tensor([kept]), bs, 128)[0]
     for generated in range(0, 50, 7):

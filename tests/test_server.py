@@ -3,15 +3,9 @@ client: a chat answer, and continuous batching with preemption and cancellations
 leaving the page pool as it found it."""
 
 import asyncio
-import json
-import os
 import random
 import re
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -26,47 +20,17 @@ POOL_PAGES = SMOL.num_layers * SMOL.num_kv_heads * (MAX_LEN // BLOCK) + 200
 HEAD_PAGE_BYTES = 2 * BLOCK * SMOL.head_dim * 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(model_dir, skewed_scores, tmp_path_factory):
-    port = _free_port()
+    from headkv_vllm.serve_process import ServerConfig, VllmServer
+
+    config = ServerConfig(
+        model=str(model_dir), headkv={"policy": "headkv", "kv_size": 128, "scores": skewed_scores},
+        max_model_len=MAX_LEN, kv_cache_memory_bytes=(POOL_PAGES + 1) * HEAD_PAGE_BYTES, max_num_seqs=64,
+    )
     log_path = tmp_path_factory.mktemp("server") / "vllm_serve.log"
-    vllm_bin = Path(sys.executable).with_name("vllm")
-    headkv = {"policy": "headkv", "kv_size": 128, "scores": skewed_scores}
-    cmd = [
-        str(vllm_bin), "serve", str(model_dir), "--attention-backend", "headkv",
-        "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_LEN),
-        "--kv-cache-memory-bytes", str((POOL_PAGES + 1) * HEAD_PAGE_BYTES), "--max-num-seqs", "64",
-        "--additional-config", json.dumps({"headkv": headkv}), "--host", "127.0.0.1", "--port", str(port),
-    ]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"vllm serve did not become healthy in 300 s:\n{log_path.read_text()[-4000:]}")
-        yield base, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with VllmServer(config, log_path, start_timeout_s=300) as srv:
+        yield srv.base_url, log_path
 
 
 def metrics(base: str) -> dict[str, float]:
