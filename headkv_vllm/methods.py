@@ -77,7 +77,7 @@ def find_probe_scores(model: ModelIdentity, probe: str) -> Path | None:
             continue
         same_shape = dataclasses.astuple(scores.model)[1:] == dataclasses.astuple(model)[1:]
         if same_shape and scores.model.name.split("/")[-1] == model.name and scores.probe == probe:
-            return path
+            return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
     return None
 
 
