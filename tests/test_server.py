@@ -29,7 +29,7 @@ def server(model_dir, skewed_scores, tmp_path_factory):
         max_model_len=MAX_LEN, kv_cache_memory_bytes=(POOL_PAGES + 1) * HEAD_PAGE_BYTES, max_num_seqs=64,
     )
     log_path = tmp_path_factory.mktemp("server") / "vllm_serve.log"
-    with VllmServer(config, log_path, start_timeout_s=300) as srv:
+    with VllmServer(config, log_path) as srv:
         yield srv.base_url, log_path
 
 
