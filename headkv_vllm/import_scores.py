@@ -18,7 +18,7 @@ import shlex
 import statistics
 from pathlib import Path
 
-from headkv_vllm.scores import CONFIG_DIR, ModelIdentity, ScoreFileError, write_scores
+from headkv_vllm.scores import CONFIG_DIR, ModelIdentity, ScoreFileError, read_json, write_scores
 
 # num_kv_heads, head_dim of the models the authors published scores for (their config.json)
 KNOWN_SHAPES = {"Meta-Llama-3-8B-Instruct": (8, 128), "Mistral-7B-Instruct-v0.2": (8, 128)}
@@ -27,12 +27,7 @@ KEY = re.compile(r"^(\d+)-(\d+)$")
 
 def read_published(path: Path) -> tuple[list[list[float]], int]:
     """Per-query-head mean scores ``[layer][head]`` and the number of trials per head."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ScoreFileError(f"{path}: no such file.") from None
-    except json.JSONDecodeError as e:
-        raise ScoreFileError(f"{path}: not valid JSON ({e}).") from None
+    data = read_json(path, "no such file.")
     if not isinstance(data, dict) or not data:
         raise ScoreFileError(f"{path}: expected a JSON object of \"layer-head\" -> list of per-trial scores.")
     heads = {}

@@ -80,14 +80,21 @@ def aggregate_to_kv_heads(
     return [[sum(row[k * group : (k + 1) * group]) * scale for k in range(num_kv_heads)] for row in query_scores]
 
 
+def read_json(path: Path, not_found: str, invalid_fix: str = ""):
+    """The JSON in ``path``, or a ScoreFileError naming the file (and the fix)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScoreFileError(f"{path}: {not_found}") from None
+    except json.JSONDecodeError as e:
+        raise ScoreFileError(f"{path}: not valid JSON ({e}).{invalid_fix}") from None
+
+
 def load_scores(path: str | Path) -> HeadScores:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ScoreFileError(f"{path}: no such score file. Available: {available_score_files()}") from None
-    except json.JSONDecodeError as e:
-        raise ScoreFileError(f"{path}: not valid JSON ({e}). Regenerate it with `headkv-vllm score-heads`.") from None
+    if not path.exists():
+        raise ScoreFileError(f"{path}: no such score file. Available: {available_score_files()}")
+    data = read_json(path, "no such score file.", " Regenerate it with `headkv-vllm score-heads`.")
 
     def need(key, kind, where=data, prefix=""):
         if key not in where:
