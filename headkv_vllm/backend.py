@@ -6,8 +6,10 @@
 - ``HeadKVImpl.forward``: prefill (full causal attention, then score, select and
   store each head's kept tokens) and decode (append, then attend over head pages).
 
-The ops come from ``headkv_vllm.kernels``: Triton kernels on CUDA, their PyTorch
-references on the CPU.
+On CUDA the ops are ``headkv_vllm.kernels``' Triton kernels. On the CPU, scoring and
+selection are their PyTorch references, and head pages are written and read by
+vLLM's own CPU cache and attention ops, one sequence per (token, KV head)
+(``vllm_compat`` section 6): decode reads the kept tokens in place.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from headkv_vllm.kernels.paged_decode import paged_decode
-from headkv_vllm.kernels.select_store import select_and_store
+from headkv_vllm.kernels.select_store import select_and_store, select_sources
 from headkv_vllm.kernels.window_scores import window_scores
 from headkv_vllm.layout import page_positions
 from headkv_vllm.vllm_compat import (
@@ -30,10 +32,35 @@ from headkv_vllm.vllm_compat import (
     KVCacheLayout,
     MultipleOf,
     block_table_row_counts,
+    cpu_attention_isa,
+    cpu_attention_schedule,
+    cpu_head_attention,
+    cpu_store_tokens,
     get_current_vllm_config,
     logger,
     num_prompt_tokens,
 )
+
+
+@dataclass
+class CpuHeadAttention:
+    """Inputs of vLLM's CPU attention op with one sequence per (query token, KV head)."""
+
+    query_start_loc: torch.Tensor  # [S + 1] int32
+    seq_lens: torch.Tensor  # [S] int32
+    block_tables: torch.Tensor  # [S, J] int32 head pages of each sequence, in head order
+    schedule: torch.Tensor  # the op's work split
+
+
+@dataclass
+class HeadQueries:
+    """Query tokens that attend, per KV head, over that head's pages: decode tokens,
+    and the generated tokens of a preempted request recomputed with its prompt."""
+
+    rows: torch.Tensor  # [B] batch rows of the tokens
+    lengths: torch.Tensor  # [B, Hkv] tokens each head holds for the query (its own included)
+    slots: torch.Tensor | None  # [B, Hkv, Lmax] slot tables (Triton path)
+    cpu: CpuHeadAttention | None  # CPU path
 
 
 @dataclass
@@ -52,15 +79,22 @@ class PrefillMeta:
     caps: torch.Tensor  # [Hkv] prefix tokens kept per head
     lengths: torch.Tensor  # [Hkv] head lengths after this step
     slots: torch.Tensor  # [Hkv, Lmax]
+    recomputed: HeadQueries | None  # the generated tokens of a recomputed request
 
 
 @dataclass
 class HeadKVMetadata:
     num_actual_tokens: int
     prefills: list[PrefillMeta]
-    decode_tokens: torch.Tensor  # [D] rows of the batch that are decode tokens
-    decode_slots: torch.Tensor  # [D, Hkv, Lmax]
-    decode_lengths: torch.Tensor  # [D, Hkv] head lengths including the new token
+    decodes: HeadQueries | None
+    decode_slots: torch.Tensor | None  # [D, Hkv] slot of each decode token in each head
+    cpu_isa: str | None  # vLLM CPU attention ISA (the CPU path), None on CUDA
+
+
+def _slot_table(head_blocks: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """[..., Hkv, J] head pages -> [..., Hkv, length] slot of each head position."""
+    p = torch.arange(length)
+    return head_blocks[..., p // block_size] * block_size + p % block_size
 
 
 class HeadKVMetadataBuilder(AttentionMetadataBuilder[HeadKVMetadata]):
@@ -71,6 +105,11 @@ class HeadKVMetadataBuilder(AttentionMetadataBuilder[HeadKVMetadata]):
         self.layer = kv_cache_spec.layer_index
         self.runner = None
         self._kept_cache: dict[int, torch.Tensor] = {}
+        model = vllm_config.model_config
+        self.dtype = model.dtype
+        self.queries_per_kv = model.get_num_attention_heads(vllm_config.parallel_config) // kv_cache_spec.num_kv_heads
+        on_cpu = torch.device(device).type == "cpu"
+        self.cpu_isa = cpu_attention_isa(self.dtype, self.block_size, kv_cache_spec.head_size) if on_cpu else None
 
     def bind_runner(self, runner) -> None:
         """The model runner holds the prompt lengths, which attention metadata lacks."""
@@ -81,6 +120,23 @@ class HeadKVMetadataBuilder(AttentionMetadataBuilder[HeadKVMetadata]):
         if kept is None:
             kept = self._kept_cache[prompt_len] = torch.tensor(self.spec.kept(prompt_len), dtype=torch.long)
         return kept
+
+    def _head_queries(self, rows: torch.Tensor, lengths: torch.Tensor, head_blocks: torch.Tensor) -> HeadQueries:
+        """rows [B], lengths [B, Hkv], head_blocks [B, Hkv, J] (host tensors)."""
+        dev = self.device
+        if self.cpu_isa is None:
+            slots = _slot_table(head_blocks, int(lengths.max()), self.block_size)
+            return HeadQueries(rows.to(dev), lengths.to(dev), slots.to(dev), None)
+        seqs = lengths.numel()
+        seq_lens = lengths.flatten().to(torch.int32)
+        qsl = torch.arange(seqs + 1, dtype=torch.int32)
+        cpu = CpuHeadAttention(
+            query_start_loc=qsl, seq_lens=seq_lens,
+            block_tables=head_blocks.reshape(seqs, -1).to(torch.int32),
+            schedule=cpu_attention_schedule(seq_lens, qsl, self.queries_per_kv, self.spec.head_size,
+                                            self.dtype, self.cpu_isa),
+        )
+        return HeadQueries(rows, lengths, None, cpu)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> HeadKVMetadata:
         cm = common_attn_metadata
@@ -116,17 +172,15 @@ class HeadKVMetadataBuilder(AttentionMetadataBuilder[HeadKVMetadata]):
                 raise RuntimeError(
                     f"HeadKV layer {self.layer}: scheduler allocated {list(held)} head pages, worker needs {need.tolist()}."
                 )
-        lmax = int(lengths.max()) if n else 0
-        pos = page_positions(kept, bs, max(1, -(-lmax // bs)))  # [n, H, J]
-        p = torch.arange(lmax)
+        num_pages = max(1, int(pages_per_head.max())) if n else 1
         bt = cm.block_table_tensor[:n].cpu().long()
-        row_pos = pos[:, :, p // bs].clamp(max=bt.shape[1] - 1)  # [n, H, Lmax]
-        blocks = bt.gather(1, row_pos.reshape(n, -1)).view(row_pos.shape)
-        slots = blocks * bs + p % bs
+        pos = page_positions(kept, bs, num_pages).clamp(max=bt.shape[1] - 1)  # [n, H, J]
+        head_blocks = bt.gather(1, pos.reshape(n, -1)).view(pos.shape)  # [n, H, J]
 
         prefills = []
         window = self.spec.budgets.window
         qsl_list = qsl.tolist()
+        dev = self.device
         for i in is_prefill.nonzero().flatten().tolist():
             n_prompt, n_tok = prompt_list[i], total_list[i]
             w = min(window, n_prompt)
@@ -138,19 +192,27 @@ class HeadKVMetadataBuilder(AttentionMetadataBuilder[HeadKVMetadata]):
                     "HeadKV request %s: prompt %d tokens, kept %.1f per KV head on average over all layers (%.1f%%).",
                     self.runner.input_batch.req_ids[i], n_prompt, mean_kept, 100.0 * mean_kept / n_prompt,
                 )
+            recomputed = None
+            if n_tok > n_prompt:
+                g = n_tok - n_prompt
+                rows = torch.arange(qsl_list[i] + n_prompt, qsl_list[i] + n_tok)
+                step = torch.arange(1, g + 1)[:, None]
+                recomputed = self._head_queries(rows, lengths[i][None] - g + step, head_blocks[i].expand(g, -1, -1))
             prefills.append(PrefillMeta(
                 start=qsl_list[i], prompt_len=n_prompt, num_tokens=n_tok, window=w,
-                needs_scores=bool((caps < n_prompt - w).any()), caps=caps.to(self.device),
-                lengths=lengths[i].to(self.device), slots=slots[i, :, : int(lengths[i].max())].to(self.device),
+                needs_scores=bool((caps < n_prompt - w).any()), caps=caps.to(dev), lengths=lengths[i].to(dev),
+                slots=_slot_table(head_blocks[i], int(lengths[i].max()), bs).to(dev), recomputed=recomputed,
             ))
         decode_rows = is_decode.nonzero().flatten()
-        dev = self.device
+        decodes = decode_slots = None
+        if decode_rows.numel():
+            d_lengths, d_blocks = lengths[decode_rows], head_blocks[decode_rows]
+            last = (d_lengths - 1)[:, :, None]
+            decode_slots = (d_blocks.gather(2, last // bs) * bs + last % bs)[:, :, 0].to(dev)
+            decodes = self._head_queries(qsl[decode_rows], d_lengths, d_blocks)
         return HeadKVMetadata(
-            num_actual_tokens=cm.num_actual_tokens,
-            prefills=prefills,
-            decode_tokens=qsl[decode_rows].to(dev),
-            decode_slots=slots[decode_rows].to(dev),
-            decode_lengths=lengths[decode_rows].to(dev),
+            num_actual_tokens=cm.num_actual_tokens, prefills=prefills, decodes=decodes,
+            decode_slots=decode_slots, cpu_isa=self.cpu_isa,
         )
 
     def spec_group_id(self) -> int:
@@ -197,18 +259,31 @@ class HeadKVImpl(AttentionImpl):
         q = query.view(-1, self.num_heads, d)
         k = key.view(-1, self.num_kv_heads, d)
         v = value.view(-1, self.num_kv_heads, d)
+        isa = attn_metadata.cpu_isa
         for pf in attn_metadata.prefills:
-            self._prefill(pf, q, k, v, pages, out)
-        if attn_metadata.decode_tokens.numel():
-            rows = attn_metadata.decode_tokens
-            slots, lengths = attn_metadata.decode_slots, attn_metadata.decode_lengths
-            new_slot = slots.gather(2, (lengths - 1)[:, :, None])[:, :, 0]  # [D, Hkv]
-            pages[new_slot // block_size, 0, new_slot % block_size] = k[rows].to(pages.dtype)
-            pages[new_slot // block_size, 1, new_slot % block_size] = v[rows].to(pages.dtype)
-            out[rows] = paged_decode(q[rows], pages, slots, lengths, self.scale).to(out.dtype)
+            self._prefill(pf, q, k, v, pages, out, isa)
+        dq = attn_metadata.decodes
+        if dq is not None:
+            slots = attn_metadata.decode_slots
+            if isa is not None:
+                cpu_store_tokens(k[dq.rows].reshape(-1, d), v[dq.rows].reshape(-1, d), pages, slots.flatten(), isa)
+            else:
+                pages[slots // block_size, 0, slots % block_size] = k[dq.rows].to(pages.dtype)
+                pages[slots // block_size, 1, slots % block_size] = v[dq.rows].to(pages.dtype)
+            out[dq.rows] = self._attend(dq, q[dq.rows], pages).to(out.dtype)
         return output
 
-    def _prefill(self, pf: PrefillMeta, q, k, v, pages, out) -> None:
+    def _attend(self, hq: HeadQueries, q: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+        """[B, Hq, d] attention of each query token over its KV heads' pages."""
+        if hq.cpu is None:
+            return paged_decode(q, pages, hq.slots, hq.lengths, self.scale)
+        c = hq.cpu
+        grouped = q.reshape(-1, self.group, self.head_size)  # query heads of KV head h are contiguous
+        result = torch.empty_like(grouped)
+        cpu_head_attention(grouped, pages, result, c.query_start_loc, c.seq_lens, c.block_tables, c.schedule, self.scale)
+        return result.view(q.shape)
+
+    def _prefill(self, pf: PrefillMeta, q, k, v, pages, out, isa: str | None) -> None:
         s, n, t, w = pf.start, pf.prompt_len, pf.num_tokens, pf.window
         qr, kr, vr = q[s : s + t], k[s : s + t], v[s : s + t]
         # Full causal attention over the prompt (prefill itself is not compressed).
@@ -221,14 +296,16 @@ class HeadKVImpl(AttentionImpl):
             scores = window_scores(qr[n - w : n], kr[:n], self.scale, self.pool_kernel)
         else:
             scores = torch.zeros(self.num_kv_heads, n - w, device=q.device)
-        select_and_store(scores, kr, vr, pf.caps, pf.lengths, pf.slots, pages)
-        if t > n:
+        if isa is None:
+            select_and_store(scores, kr, vr, pf.caps, pf.lengths, pf.slots, pages)
+        else:
+            src, valid = select_sources(scores, pf.caps, pf.lengths, pf.slots.shape[1])
+            head = torch.arange(self.num_kv_heads)[:, None].expand_as(src)[valid]
+            cpu_store_tokens(kr[src[valid], head], vr[src[valid], head], pages, pf.slots[valid], isa)
+        if pf.recomputed is not None:
             # Recomputed generated tokens (after preemption) see the compressed prompt,
             # exactly as they did when first decoded.
-            g = torch.arange(1, t - n + 1, device=q.device)
-            lengths = pf.lengths[None, :] - (t - n) + g[:, None]
-            slots = pf.slots[None].expand(t - n, -1, -1)
-            out[s + n : s + t] = paged_decode(qr[n:], pages, slots, lengths, self.scale).to(out.dtype)
+            out[s + n : s + t] = self._attend(pf.recomputed, qr[n:], pages).to(out.dtype)
 
 
 class HeadKVBackend(AttentionBackend):

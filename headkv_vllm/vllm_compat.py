@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+import torch
 import vllm
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.logger import init_logger
@@ -205,3 +206,63 @@ def kv_cache_tensor_offsets(kv_cache_config) -> set[int]:
 
 def block_table_row_counts(model_runner, group_id: int):
     return model_runner.input_batch.block_table.block_tables[group_id].num_blocks_per_row
+
+
+# ---------------------------------------------------------------------------
+# 6. vLLM's CPU attention ops (``vllm._custom_ops.cpu_attn_*``), reused on the CPU.
+#    Why: a head page has the shape of a stock CPU block with one KV head
+#    (``[1, 2 * block_size, head_dim]``: K rows, then V rows), so each (request,
+#    KV head) can be one "sequence" of the stock kernel, with its own block-table
+#    row of head pages. Decode then reads the kept tokens in place, as fast as
+#    stock vLLM reads its dense cache. The store op packs K in an ISA-specific
+#    order, so on the CPU head pages are written and read only through these ops.
+#    Remove when: the signatures change (they follow vLLM's CPU backend).
+# ---------------------------------------------------------------------------
+
+from vllm import _custom_ops as _ops  # noqa: E402
+from vllm import envs as _envs  # noqa: E402
+
+__all__ += ["cpu_attention_isa", "cpu_store_tokens", "cpu_attention_schedule", "cpu_head_attention"]
+
+
+def cpu_attention_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str:
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, block_size, head_size, "auto")
+
+
+def _cpu_caches(pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pages[num_blocks, 2, block_size, d]`` as the CPU kernel's one-head K and V caches."""
+    num_blocks, _, block_size, d = pages.shape
+    key_cache, value_cache = pages.view(num_blocks, 1, 2 * block_size, d).chunk(2, dim=2)
+    return key_cache, value_cache
+
+
+def cpu_store_tokens(key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
+                     slots: torch.Tensor, isa: str) -> None:
+    """Write ``key[i]``/``value[i]`` (``[M, d]``) at head-page slot ``slots[i]`` (int64)."""
+    key_cache, value_cache = _cpu_caches(pages)
+    _ops.cpu_attn_reshape_and_cache(key[:, None], value[:, None], key_cache, value_cache, slots, isa)
+
+
+def cpu_attention_schedule(seq_lens: torch.Tensor, query_start_loc: torch.Tensor, queries_per_seq: int,
+                           head_dim: int, dtype: torch.dtype, isa: str) -> torch.Tensor:
+    """The kernel's work split for sequences of one KV head each (int32 inputs)."""
+    return _ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=seq_lens.shape[0], num_heads=queries_per_seq, num_kv_heads=1, head_dim=head_dim,
+        seq_lens=seq_lens, dtype=dtype, query_start_loc=query_start_loc, causal=True,
+        sliding_window_size=-1, isa=isa, enable_kv_split=_envs.VLLM_CPU_ATTN_SPLIT_KV,
+    )
+
+
+def cpu_head_attention(query: torch.Tensor, pages: torch.Tensor, output: torch.Tensor,
+                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                       schedule: torch.Tensor, scale: float) -> None:
+    """``query``/``output``: ``[S, G, d]``, one query token of G query heads per sequence;
+    sequence s reads ``seq_lens[s]`` tokens from the head pages listed in ``block_tables[s]``."""
+    key_cache, value_cache = _cpu_caches(pages)
+    _ops.cpu_attention_with_kv_cache(
+        query=query, key_cache=key_cache, value_cache=value_cache, output=output,
+        query_start_loc=query_start_loc, seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None,
+        sliding_window=-1, block_table=block_tables, softcap=0.0, scheduler_metadata=schedule, s_aux=None,
+    )

@@ -4,6 +4,8 @@ Page layout (docs/kv_layout.md): ``pages[block, 0]`` holds K and ``pages[block, 
 holds V of ``block_size`` consecutive positions of ONE KV head; head position p
 of a head lives at ``slots[h, p] = block * block_size + p % block_size``.
 
+- ``select_sources``: which token each head position holds (PyTorch; the CPU
+  engine stores them with vLLM's CPU cache op).
 - ``select_and_store_ref``: PyTorch reference.
 - ``select_and_store_triton``: two launches, every head in one launch whatever its cap:
   1. one program per head finds its ``cap``-th largest score by a 4-pass radix
@@ -23,6 +25,31 @@ import triton.language as tl
 from .triton_common import pow2_at_least, require_launchable
 
 
+def select_sources(
+    scores: torch.Tensor,  # [Hkv, P] float32 window scores of the P = n - w prefix positions
+    caps: torch.Tensor,  # [Hkv] int64, prefix tokens each head keeps (clamped to [0, P])
+    lengths: torch.Tensor,  # [Hkv] int64, head length after the step: min(cap, P) + (T - P)
+    lmax: int,  # >= max(lengths)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which step token each head position holds: ``src[h, p]`` (int64), valid where
+    ``valid[h, p]`` (``p < lengths[h]``). Head h holds its top-``caps[h]`` prefix
+    positions by score (ties: lower position first) in ascending position, then every
+    token from position P on (the window and any generated tokens)."""
+    num_heads, prefix = scores.shape
+    caps = caps.clamp(0, prefix)
+    kmax = min(prefix, lmax)
+    # Max-pooling makes plateaus of equal scores; a stable sort breaks ties by the lower position.
+    top = scores.sort(dim=-1, descending=True, stable=True).indices[:, :kmax]
+    # keep the top caps[h] of each row, ordered by position
+    rank_ok = torch.arange(kmax, device=scores.device)[None, :] < caps[:, None]
+    chosen = torch.where(rank_ok, top, prefix + lmax).sort(dim=-1).values  # [Hkv, kmax]
+    p = torch.arange(lmax, device=scores.device)[None, :]
+    from_top = p < caps[:, None]
+    picked = chosen.gather(1, p.clamp(max=max(kmax - 1, 0)).expand(num_heads, -1)) if kmax else p
+    src = torch.where(from_top, picked, prefix + p - caps[:, None])
+    return src, p < lengths[:, None]
+
+
 def select_and_store_ref(
     scores: torch.Tensor,  # [Hkv, P] float32 window scores of the P = n - w prefix positions
     k: torch.Tensor,  # [T, Hkv, d] keys of the step's tokens for this request (prompt, then generated)
@@ -32,24 +59,10 @@ def select_and_store_ref(
     slots: torch.Tensor,  # [Hkv, Lmax] int64, slot of each head position (Lmax >= max(lengths))
     pages: torch.Tensor,  # [num_blocks, 2, block_size, d] one layer's head pages
 ) -> None:
-    """Head h stores, in order: its top-``caps[h]`` prefix positions by score
-    (ties: lower position first; stored in ascending position), then every token
-    from position P on (the window and any generated tokens). A cap above P keeps
-    the whole prefix."""
-    num_heads, prefix = scores.shape
-    caps = caps.clamp(0, prefix)
-    lmax = slots.shape[1]
-    kmax = min(prefix, lmax)
-    # Max-pooling makes plateaus of equal scores; a stable sort breaks ties by the lower position.
-    top = scores.sort(dim=-1, descending=True, stable=True).indices[:, :kmax]
-    # keep the top caps[h] of each row, ordered by position
-    rank_ok = torch.arange(kmax, device=scores.device)[None, :] < caps[:, None]
-    chosen = torch.where(rank_ok, top, prefix + lmax).sort(dim=-1).values  # [Hkv, kmax]
-    p = torch.arange(lmax, device=scores.device)[None, :]
-    from_top = p < caps[:, None]
-    src = torch.where(from_top, chosen.gather(1, p.clamp(max=max(kmax - 1, 0)).expand(num_heads, -1)) if kmax else p, prefix + p - caps[:, None])
-    valid = p < lengths[:, None]
-    head = torch.arange(num_heads, device=scores.device)[:, None].expand(-1, lmax)
+    """Stores the tokens of ``select_sources`` in each head's slots. A cap above P
+    keeps the whole prefix."""
+    src, valid = select_sources(scores, caps, lengths, slots.shape[1])
+    head = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(src)
     src, head, slot = src[valid], head[valid], slots[valid]
     block_size = pages.shape[2]
     blk, off = slot // block_size, slot % block_size

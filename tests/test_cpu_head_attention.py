@@ -1,0 +1,62 @@
+"""The CPU engine's head-page path: vLLM's CPU cache and attention ops with one
+sequence per (query token, KV head) (``vllm_compat`` section 6) against the PyTorch
+reference ``paged_decode_ref`` on plain pages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headkv_vllm.kernels.paged_decode import paged_decode_ref
+from headkv_vllm.vllm_compat import (
+    cpu_attention_isa,
+    cpu_attention_schedule,
+    cpu_head_attention,
+    cpu_store_tokens,
+)
+
+# Both sides accumulate in fp32; bf16 pages round the inputs the same way on both.
+TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def run_cpu_path(q, plain_pages, head_blocks, lengths, scale):
+    """Copy each head's positions from plain pages through the store op, then attend."""
+    num_blocks, _, block_size, d = plain_pages.shape
+    batch, heads, _ = head_blocks.shape
+    isa = cpu_attention_isa(q.dtype, block_size, d)
+    packed = torch.zeros_like(plain_pages)
+    p = torch.arange(int(lengths.max()))
+    slots = head_blocks[..., p // block_size] * block_size + p % block_size  # [B, H, Lmax]
+    valid = p < lengths[..., None]
+    used = slots[valid]
+    cpu_store_tokens(plain_pages[used // block_size, 0, used % block_size],
+                     plain_pages[used // block_size, 1, used % block_size], packed, used, isa)
+    seq_lens = lengths.flatten().to(torch.int32)
+    qsl = torch.arange(seq_lens.numel() + 1, dtype=torch.int32)
+    group = q.shape[1] // heads
+    schedule = cpu_attention_schedule(seq_lens, qsl, group, d, q.dtype, isa)
+    grouped = q.reshape(-1, group, d).contiguous()
+    out = torch.empty_like(grouped)
+    cpu_head_attention(grouped, packed, out, qsl, seq_lens, head_blocks.reshape(batch * heads, -1).to(torch.int32),
+                       schedule, scale)
+    return out.view(q.shape), slots
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(9, 3), (4, 4), (8, 2)])
+def test_cpu_head_attention_equals_reference(dtype, block_size, num_q_heads, num_kv_heads):
+    gen = torch.Generator().manual_seed(num_q_heads * 100 + block_size)
+    batch, d = 5, 64
+    lengths = torch.randint(1, 300, (batch, num_kv_heads), generator=gen)
+    lengths[0, 0], lengths[-1, -1] = 1, block_size  # a head of one token, one exactly full page
+    pages_per_head = int(-(-lengths.max() // block_size))
+    num_blocks = 1 + batch * num_kv_heads * pages_per_head + 7
+    head_blocks = (torch.randperm(num_blocks - 1, generator=gen)[: batch * num_kv_heads * pages_per_head] + 1)
+    head_blocks = head_blocks.view(batch, num_kv_heads, pages_per_head)
+    plain = torch.randn(num_blocks, 2, block_size, d, generator=gen).to(dtype)
+    q = torch.randn(batch, num_q_heads, d, generator=gen).to(dtype)
+    scale = d**-0.5
+    got, slots = run_cpu_path(q, plain, head_blocks, lengths, scale)
+    want = paged_decode_ref(q, plain, slots, lengths, scale)
+    torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
