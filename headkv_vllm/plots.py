@@ -67,7 +67,7 @@ def bench_plot(result: dict, path: Path) -> Path:
             ax.set_ylabel(name)
         ax.plot(sizes, values, marker="o", label=runs[0]["config"].split(" @ ")[0] if runs else "HEADKV")
         for s, v, c in zip(sizes, values, runs):
-            ax.annotate(f"{v:.1f}x" if stock else f"{v:.0f}", (s, v), textcoords="offset points", xytext=(0, 6),
+            ax.annotate(f"{v:.2f}x" if stock else f"{v:.0f}", (s, v), textcoords="offset points", xytext=(0, 6),
                         ha="center", fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(s) for s in sizes])
