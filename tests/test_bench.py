@@ -64,8 +64,10 @@ def test_bad_options_are_named(argv, message, capsys):
 @pytest.mark.slow
 def test_small_run_stock_and_headkv_at_the_same_kv_bytes(model_dir, tmp_path):
     out = tmp_path / "bench"
+    # 64 output tokens: the decode phase lasts seconds, long enough for the gauge polls to
+    # see every request running (with 8 it was over between two polls).
     cmd = [sys.executable, "-m", "headkv_vllm.cli", "bench", "--model", str(model_dir), "--method", "snapkv",
-           "--kv-sizes", "32", "--num-requests", "6", "--prompt-tokens", "300:400", "--output-tokens", "8",
+           "--kv-sizes", "32", "--num-requests", "6", "--prompt-tokens", "300:400", "--output-tokens", "64",
            "--stock-fits", "2", "--name", "smoke", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -73,7 +75,7 @@ def test_small_run_stock_and_headkv_at_the_same_kv_bytes(model_dir, tmp_path):
     stock, headkv = result["configs"]
     assert stock["method"] == "full" and headkv["kv_size"] == 32
     for c in (stock, headkv):
-        assert c["output_tokens"] == 6 * 8 and c["ttft_mean_s"] > 0 and c["itl_mean_s"] > 0
+        assert c["output_tokens"] == 6 * 64 and c["ttft_mean_s"] > 0 and c["itl_mean_s"] > 0
         assert c["peak_running"] >= 1 and c["gauge_samples"] > 0
         assert "--kv-cache-memory-bytes " + str(result["kv_cache_bytes"]) in c["server"]["command"]
     # the HEADKV pool (head pages of 16 tokens x 64 x K,V x 4 bytes) is the bytes both servers were given
