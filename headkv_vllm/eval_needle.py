@@ -5,7 +5,8 @@ For each method (full cache = stock vLLM; SnapKV, PyramidKV, HeadKV-R, HeadKV-R2
 each KV size) one server is started, every grid cell (needle x context length x
 depth) is sent at once, greedy, and the answers are scored by exact containment and
 ROUGE-1 recall against the needle's answer. Writes ``needle.json``, a heatmap PNG
-per method (depth x length, one panel per KV size) and ``summary.md``.
+per method (depth x length, one panel per KV size), ``summary.md`` and ``summary.png``
+(score against KV size per method).
 
     headkv-vllm eval-needle --model models/SmolLM2-135M-Instruct \\
         --methods full,headkv-r2,headkv-r,snapkv,pyramidkv --kv-sizes 64,128 \\
@@ -132,9 +133,9 @@ def run_eval(args: argparse.Namespace, methods: list[Method], command: str) -> i
         json_path.write_text(json.dumps(result, indent=1))
     table = summary_table(result["summary"], args.summary_range)
     (out / "summary.md").write_text(table + "\n")
-    from headkv_vllm.plots import needle_heatmaps
+    from headkv_vllm.plots import needle_heatmaps, needle_summary_plot
 
-    pngs = needle_heatmaps(result, out)
+    pngs = needle_heatmaps(result, out) + [needle_summary_plot(result, args.summary_range, out / "summary.png")]
     print(table)
     print(f"wrote {json_path}, {out / 'summary.md'}, " + ", ".join(str(p) for p in pngs))
     return 0

@@ -49,6 +49,33 @@ def needle_heatmaps(result: dict, out: Path) -> list[Path]:
     return paths
 
 
+def needle_summary_plot(result: dict, length_range: tuple[int, int], path: Path) -> Path:
+    """Mean ROUGE-1 recall over ``length_range`` per method against KV size, the full cache as a line."""
+    plt = _pyplot()
+    lo, hi = length_range
+    rows = result["summary"]
+    full = next((r for r in rows if r["kv_size"] is None), None)
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    if full:
+        ax.axhline(full["rouge1_range"], color="grey", linestyle="--", label=f"full cache ({full['rouge1_range']:.1f})")
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["kv_size"] is not None))
+    for method in methods:
+        points = sorted((r["kv_size"], r["rouge1_range"], r["label"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=points[0][2].split(" @ ")[0])
+    sizes = sorted({r["kv_size"] for r in rows if r["kv_size"] is not None})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("average KV size (tokens per KV head)")
+    ax.set_ylabel(f"ROUGE-1 recall, {lo}-{hi} tokens")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Needle in a haystack, {result['model']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def bench_plot(result: dict, path: Path) -> Path:
     """Output tokens/s and peak running requests of each HEADKV KV size, as multiples of stock."""
     plt = _pyplot()

@@ -115,3 +115,16 @@ def test_small_run_through_real_servers(model_dir, tmp_path):
     assert result["summary"][1]["rouge1_pct_of_full"] is not None
     assert (out / "heatmap_full.png").stat().st_size > 0 and (out / "heatmap_snapkv.png").stat().st_size > 0
     assert "| SnapKV | 32 |" in (out / "summary.md").read_text()
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_plot_has_a_line_per_method(tmp_path):
+    from headkv_vllm.plots import needle_summary_plot
+
+    cell = lambda ok: {"length": 2000, "rouge1": float(ok), "contains": ok}
+    runs = [{"method": "full", "kv_size": None, "label": "Full cache", "cells": [cell(True)]}]
+    runs += [{"method": m, "kv_size": kv, "label": f"{m} @ {kv}", "cells": [cell(kv > 32)]}
+             for m in ("snapkv", "headkv-r") for kv in (32, 128)]
+    result = {"model": "m", "summary": summarize(runs, (1000, 3000))}
+    png = needle_summary_plot(result, (1000, 3000), tmp_path / "summary.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
