@@ -39,7 +39,7 @@ def needle_heatmaps(result: dict, out: Path) -> list[Path]:
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45, fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
             ax.set_xlabel("context length (tokens)", fontsize=8)
-            ax.set_ylabel("needle depth (%)", fontsize=8)
+        axes[0][0].set_ylabel("needle depth (%)", fontsize=8)
         fig.colorbar(image, ax=list(axes[0]), fraction=0.03, label="ROUGE-1 recall")
         fig.suptitle(f"Needle in a haystack, {result['model']}", fontsize=10, y=1.06)
         path = out / f"heatmap_{method}.png"
