@@ -51,7 +51,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=0, help="requests in flight per server (0: all cells at once)")
     p.add_argument("--kv-cache-bytes", type=int, help="fixed KV cache size (default: --gpu-memory-utilization 0.3)")
     p.add_argument("--base-url", help="evaluate this running server (one method, one KV size) instead of starting servers")
-    p.add_argument("--resume", action="store_true", help="keep finished methods from an earlier needle.json with the same grid")
+    p.add_argument("--resume", action="store_true", help="keep finished cells from an earlier needle.json in --out; run only the missing ones")
     p.add_argument("--out", default="results/needle", help="output folder")
     args = p.parse_args(argv)
     try:
@@ -121,13 +121,21 @@ def run_eval(args: argparse.Namespace, methods: list[Method], command: str) -> i
     json_path = out / "needle.json"
     grid = {"needles": [n.name for n in args.needle_list], "lengths": args.length_list, "depths": args.depth_list,
             "max_tokens": args.max_tokens}
-    earlier = _earlier_runs(json_path, grid) if args.resume else {}
     result = {"format": FORMAT, "command": command, "machine": machine_info(), "model": Path(args.model).name,
               "grid": grid, "needles": [n.as_dict() for n in args.needle_list], "runs": []}
+    earlier = earlier_cells(json_path, result) if args.resume else {}
     for method in methods:
-        run = earlier.get((method.name, method.kv_size))
-        if run is None:
-            run = _evaluate(method, cells, chats, args, out)
+        done_run, done = earlier.get((method.name, method.kv_size), (None, {}))
+        if done_run and done_run["headkv"] != _portable(method.headkv):
+            done_run, done = None, {}
+        todo = [i for i, cell in enumerate(cells) if cell_key(*cell) not in done]
+        run = done_run
+        if todo:
+            run = _evaluate(method, [cells[i] for i in todo], [chats[i] for i in todo], args, out)
+            if done_run:
+                run["wall_s"] = round(run["wall_s"] + done_run["wall_s"], 1)
+        rows = {**done, **{cell_key(*cells[i]): row for i, row in zip(todo, run["cells"])}}
+        run["cells"] = [rows[cell_key(*cell)] for cell in cells]
         result["runs"].append(run)
         result["summary"] = summarize(result["runs"], args.summary_range)
         json_path.write_text(json.dumps(result, indent=1))
@@ -141,14 +149,30 @@ def run_eval(args: argparse.Namespace, methods: list[Method], command: str) -> i
     return 0
 
 
-def _earlier_runs(path: Path, grid: dict) -> dict:
+def cell_key(needle: Needle, length: int, depth: float) -> tuple:
+    return needle.name, length, float(depth)
+
+
+def earlier_cells(path: Path, result: dict) -> dict:
+    """Finished cells of an earlier ``needle.json`` that the new run can keep, per
+    (method, KV size): same model, answer length and needle texts; any lengths and
+    depths, so a grid can be widened without re-running what it already has. Each
+    entry is (the earlier run's record, {cell key: row})."""
     if not path.exists():
         return {}
     data = json.loads(path.read_text())
-    if data.get("grid") != grid:
-        print(f"--resume: {path} has another grid; starting over.", file=sys.stderr)
+    same = (data.get("format") == FORMAT and data.get("model") == result["model"]
+            and data["grid"].get("max_tokens") == result["grid"]["max_tokens"])
+    if not same:
+        print(f"--resume: {path} used another model or answer length; starting over.", file=sys.stderr)
         return {}
-    return {(r["method"], r["kv_size"]): r for r in data.get("runs", [])}
+    needles = {n["name"]: n for n in result["needles"]}
+    kept = {n["name"] for n in data.get("needles", []) if needles.get(n["name"]) == n}
+    earlier = {}
+    for run in data.get("runs", []):
+        rows = {(c["needle"], c["length"], float(c["depth"])): c for c in run["cells"] if c["needle"] in kept}
+        earlier[(run["method"], run["kv_size"])] = run, rows
+    return earlier
 
 
 def _evaluate(method: Method, cells: list, chats: list, args: argparse.Namespace, out: Path) -> dict:

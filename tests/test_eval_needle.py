@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from headkv_vllm.eval_needle import parse_args, summarize
+from headkv_vllm.eval_needle import FORMAT, earlier_cells, parse_args, summarize
 from headkv_vllm.eval_needles import NEEDLES, Needle
 from headkv_vllm.needle_prompts import chat_options, contains_answer, rouge1_recall, score
 
@@ -116,6 +116,33 @@ def test_small_run_through_real_servers(model_dir, tmp_path):
     assert (out / "heatmap_full.png").stat().st_size > 0 and (out / "heatmap_snapkv.png").stat().st_size > 0
     assert "| SnapKV | 32 |" in (out / "summary.md").read_text()
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --resume widens the grid: only the cells at the new depth are asked, on one new server.
+    cmd[cmd.index("--depths") + 1] = "0,50,100"
+    cmd[cmd.index("--methods") + 1] = "full"
+    proc = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    widened = json.loads((out / "needle.json").read_text())["runs"][0]
+    assert len(widened["cells"]) == 12 and widened["wall_s"] > full["wall_s"]
+    assert [c for c in widened["cells"] if c["depth"] != 50.0] == full["cells"]
+    assert "12/12" not in proc.stderr and "4/4" in proc.stderr
+
+
+def test_resume_keeps_cells_of_the_same_model_answer_length_and_needle_text(tmp_path):
+    needles = [n.as_dict() for n in (NEEDLES[0], REASONING)]
+    row = lambda needle, length: {"needle": needle["name"], "length": length, "depth": 0.0, "contains": True}
+    run = {"method": "snapkv", "kv_size": 64, "headkv": {"policy": "snapkv", "kv_size": 64},
+           "cells": [row(n, length) for n in needles for length in (500, 1000)]}
+    earlier = {"format": FORMAT, "model": "m", "grid": {"max_tokens": 32}, "needles": needles, "runs": [run]}
+    path = tmp_path / "needle.json"
+    path.write_text(json.dumps(earlier))
+    changed = {**needles[1], "answer": "violin"}
+    now = {"model": "m", "grid": {"max_tokens": 32}, "needles": [needles[0], changed]}
+    kept_run, rows = earlier_cells(path, now)[("snapkv", 64)]
+    assert kept_run == run and sorted(rows) == [(NEEDLES[0].name, 500, 0.0), (NEEDLES[0].name, 1000, 0.0)]
+    assert earlier_cells(path, {**now, "grid": {"max_tokens": 64}}) == {}
+    assert earlier_cells(path, {**now, "model": "other"}) == {}
+    assert earlier_cells(tmp_path / "absent.json", now) == {}
 
 
 def test_summary_plot_has_a_line_per_method(tmp_path):
