@@ -179,9 +179,9 @@ async def _drive(base_url: str, model: str, prompts: list[list[int]], output_tok
             bar.close()
 
 
-def _pct(values: list[float], q: float) -> float:
+def _pct(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))] if ordered else float("nan")
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))] if ordered else None
 
 
 def latency_stats(timings: list[dict]) -> dict:
@@ -195,7 +195,7 @@ def latency_stats(timings: list[dict]) -> dict:
         "duration_s": duration, "requests_per_s": len(timings) / duration, "output_tokens_per_s": out_tokens / duration,
         "total_tokens_per_s": (out_tokens + sum(t["prompt_tokens"] for t in timings)) / duration,
         "output_tokens": out_tokens, "ttft_mean_s": sum(ttft) / len(ttft), "ttft_p99_s": _pct(ttft, 99),
-        "itl_mean_s": sum(itl) / len(itl) if itl else float("nan"), "itl_p99_s": _pct(itl, 99),
+        "itl_mean_s": sum(itl) / len(itl) if itl else None, "itl_p99_s": _pct(itl, 99),
     }
 
 
@@ -215,6 +215,7 @@ def bench_table(result: dict) -> str:
             f"{w['output_tokens']} output tokens; KV cache {result['kv_cache_bytes'] / 2**20:.0f} MiB for every "
             f"server (stock fits {result['stock_requests_that_fit']:.1f} finished requests)\n\n")
     x = lambda v: "-" if v is None else f"{v:.2f}x"
+    ms = lambda v: "-" if v is None else f"{1000 * v:.0f}"
     lines = ["| config | req/s | output tok/s | x stock | TTFT mean / p99 (s) | ITL mean / p99 (ms) | "
              "peak running | x stock | preemptions | KV MiB / request | duration (s) | load avg |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -225,7 +226,7 @@ def bench_table(result: dict) -> str:
         lines.append(
             f"| {c['config']} | {c['requests_per_s']:.3f} | {c['output_tokens_per_s']:.1f} | "
             f"{x(c.get('output_tokens_per_s_x_stock'))} | {c['ttft_mean_s']:.1f} / {c['ttft_p99_s']:.1f} | "
-            f"{1000 * c['itl_mean_s']:.0f} / {1000 * c['itl_p99_s']:.0f} | {c['peak_running']:.0f} | "
+            f"{ms(c['itl_mean_s'])} / {ms(c['itl_p99_s'])} | {c['peak_running']:.0f} | "
             f"{x(c.get('peak_running_x_stock'))} | {c['preemptions']:.0f} | {c['kv_bytes_per_request'] / 2**20:.1f} | "
             f"{c['duration_s']:.0f} | {c.get('load_average_mean', float('nan')):.1f} |")
     return head + "\n".join(lines)

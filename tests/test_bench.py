@@ -46,6 +46,12 @@ def test_latency_statistics():
     assert s["itl_mean_s"] == pytest.approx((0.1 * 3 + 0.5 * 2) / 5) and s["itl_p99_s"] == 0.5
 
 
+def test_one_output_token_has_no_inter_token_latency():
+    s = latency_stats([{"sent": 0.0, "arrivals": [2.0], "tokens": 1, "prompt_tokens": 10}])
+    assert s["itl_mean_s"] is None and s["itl_p99_s"] is None
+    assert json.loads(json.dumps(s, allow_nan=False)) == s
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--method", "full"], "--method"),
     (["--method", "h2o"], "--method"),
