@@ -128,14 +128,14 @@ def run_eval(args: argparse.Namespace, methods: list[Method], command: str) -> i
         done_run, done = earlier.get((method.name, method.kv_size), (None, {}))
         if done_run and done_run["headkv"] != _portable(method.headkv):
             done_run, done = None, {}
-        todo = [i for i, cell in enumerate(cells) if cell_key(*cell) not in done]
+        todo = [i for i, (n, length, depth) in enumerate(cells) if cell_key(n.name, length, depth) not in done]
         run = done_run
         if todo:
             run = _evaluate(method, [cells[i] for i in todo], [chats[i] for i in todo], args, out)
             if done_run:
                 run["wall_s"] = round(run["wall_s"] + done_run["wall_s"], 1)
-        rows = {**done, **{cell_key(*cells[i]): row for i, row in zip(todo, run["cells"])}}
-        run["cells"] = [rows[cell_key(*cell)] for cell in cells]
+        rows = {**done, **{cell_key(r["needle"], r["length"], r["depth"]): r for r in run["cells"]}}
+        run["cells"] = [rows[cell_key(n.name, length, depth)] for n, length, depth in cells]
         result["runs"].append(run)
         result["summary"] = summarize(result["runs"], args.summary_range)
         json_path.write_text(json.dumps(result, indent=1))
@@ -149,8 +149,8 @@ def run_eval(args: argparse.Namespace, methods: list[Method], command: str) -> i
     return 0
 
 
-def cell_key(needle: Needle, length: int, depth: float) -> tuple:
-    return needle.name, length, float(depth)
+def cell_key(needle: str, length: int, depth: float) -> tuple:
+    return needle, length, float(depth)
 
 
 def earlier_cells(path: Path, result: dict) -> dict:
@@ -170,7 +170,7 @@ def earlier_cells(path: Path, result: dict) -> dict:
     kept = {n["name"] for n in data.get("needles", []) if needles.get(n["name"]) == n}
     earlier = {}
     for run in data.get("runs", []):
-        rows = {(c["needle"], c["length"], float(c["depth"])): c for c in run["cells"] if c["needle"] in kept}
+        rows = {cell_key(c["needle"], c["length"], c["depth"]): c for c in run["cells"] if c["needle"] in kept}
         earlier[(run["method"], run["kv_size"])] = run, rows
     return earlier
 
