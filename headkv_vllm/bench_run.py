@@ -129,10 +129,15 @@ def measure(method: Method, prompts: list[list[int]], kv_bytes: int, args: argpa
             with GaugeWatcher(server, GAUGES, POLL_S) as gauges:
                 timings = asyncio.run(_drive(server.base_url, args.model, prompts, args.output_tokens, label))
             run["preemptions"] = server.metrics().get(PREEMPTIONS, 0.0) - before
-            run["peak_running"] = gauges.peak["vllm:num_requests_running"]
-            run["peak_waiting"] = gauges.peak["vllm:num_requests_waiting"]
-            run["peak_kv_cache_usage"] = gauges.peak["vllm:kv_cache_usage_perc"]
-            run["gauge_samples"] = gauges.samples
+            read = gauges.samples > 0  # no answered poll: the peaks are unknown, not zero
+            run["peak_running"] = gauges.peak["vllm:num_requests_running"] if read else None
+            run["peak_waiting"] = gauges.peak["vllm:num_requests_waiting"] if read else None
+            run["peak_kv_cache_usage"] = gauges.peak["vllm:kv_cache_usage_perc"] if read else None
+            run["gauge_samples"], run["gauge_failures"] = gauges.samples, gauges.failures
+            if gauges.failures:
+                run["gauge_last_error"] = gauges.last_error
+                print(f"{label}: {gauges.failures} of {gauges.samples + gauges.failures} /metrics polls failed "
+                      f"(last: {gauges.last_error})")
             run["load_average_mean"] = sum(gauges.load_averages) / max(1, len(gauges.load_averages))
     except (ServerError, httpx.HTTPError, OSError) as e:
         run["error"] = f"{type(e).__name__}: {e}"[-3000:]
@@ -205,7 +210,8 @@ def add_ratios(configs: list[dict]) -> None:
         if stock is None or "error" in c:
             continue
         c["output_tokens_per_s_x_stock"] = c["output_tokens_per_s"] / stock["output_tokens_per_s"]
-        c["peak_running_x_stock"] = c["peak_running"] / stock["peak_running"] if stock["peak_running"] else None
+        c["peak_running_x_stock"] = (c["peak_running"] / stock["peak_running"]
+                                     if c["peak_running"] is not None and stock["peak_running"] else None)
         c["kv_bytes_per_request_x_stock"] = c["kv_bytes_per_request"] / stock["kv_bytes_per_request"]
 
 
@@ -216,6 +222,7 @@ def bench_table(result: dict) -> str:
             f"server (stock fits {result['stock_requests_that_fit']:.1f} finished requests)\n\n")
     x = lambda v: "-" if v is None else f"{v:.2f}x"
     ms = lambda v: "-" if v is None else f"{1000 * v:.0f}"
+    n = lambda v: "-" if v is None else f"{v:.0f}"
     lines = ["| config | req/s | output tok/s | x stock | TTFT mean / p99 (s) | ITL mean / p99 (ms) | "
              "peak running | x stock | preemptions | KV MiB / request | duration (s) | load avg |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -226,7 +233,7 @@ def bench_table(result: dict) -> str:
         lines.append(
             f"| {c['config']} | {c['requests_per_s']:.3f} | {c['output_tokens_per_s']:.1f} | "
             f"{x(c.get('output_tokens_per_s_x_stock'))} | {c['ttft_mean_s']:.1f} / {c['ttft_p99_s']:.1f} | "
-            f"{ms(c['itl_mean_s'])} / {ms(c['itl_p99_s'])} | {c['peak_running']:.0f} | "
+            f"{ms(c['itl_mean_s'])} / {ms(c['itl_p99_s'])} | {n(c['peak_running'])} | "
             f"{x(c.get('peak_running_x_stock'))} | {c['preemptions']:.0f} | {c['kv_bytes_per_request'] / 2**20:.1f} | "
             f"{c['duration_s']:.0f} | {c.get('load_average_mean', float('nan')):.1f} |")
     return head + "\n".join(lines)

@@ -84,17 +84,19 @@ def bench_plot(result: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     panels = (("output_tokens_per_s", "output tokens/s"), ("peak_running", "peak concurrent running requests"))
     for ax, (key, name) in zip(axes, panels):
-        sizes = [c["kv_size"] for c in runs]
-        if stock and stock[key]:
-            values = [c[key] / stock[key] for c in runs]
+        shown = [c for c in runs if c[key] is not None]  # peaks are None where no gauge poll was answered
+        sizes = [c["kv_size"] for c in shown]
+        relative = bool(stock and stock[key])
+        if relative:
+            values = [c[key] / stock[key] for c in shown]
             ax.axhline(1.0, color="grey", linestyle="--", label=f"stock vLLM = 1x ({stock[key]:.1f})")
             ax.set_ylabel(f"{name}, x stock")
         else:
-            values = [c[key] for c in runs]
+            values = [c[key] for c in shown]
             ax.set_ylabel(name)
         ax.plot(sizes, values, marker="o", label=runs[0]["config"].split(" @ ")[0] if runs else "HEADKV")
-        for s, v, c in zip(sizes, values, runs):
-            ax.annotate(f"{v:.2f}x" if stock else f"{v:.0f}", (s, v), textcoords="offset points", xytext=(0, 6),
+        for s, v in zip(sizes, values):
+            ax.annotate(f"{v:.2f}x" if relative else f"{v:.0f}", (s, v), textcoords="offset points", xytext=(0, 6),
                         ha="center", fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(s) for s in sizes])

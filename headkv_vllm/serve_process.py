@@ -152,8 +152,11 @@ class VllmServer:
 
     def metrics(self) -> dict[str, float]:
         """Prometheus samples by name (labels dropped; one engine)."""
-        text = httpx.get(f"{self.base_url}/metrics", timeout=5).text
-        return parse_prometheus(text)
+        # Generous timeout: on a 2-core machine a busy server answers /metrics in seconds, and a
+        # late answer is still a valid sample.
+        r = httpx.get(f"{self.base_url}/metrics", timeout=60)
+        r.raise_for_status()
+        return parse_prometheus(r.text)
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
@@ -171,12 +174,17 @@ def parse_prometheus(text: str) -> dict[str, float]:
 
 
 class GaugeWatcher:
-    """Polls the server's ``/metrics`` in a thread and keeps the maximum of some gauges."""
+    """Polls the server's ``/metrics`` in a thread and keeps the maximum of some gauges.
+
+    ``samples`` counts answered polls only; failed ones are counted in ``failures`` with the
+    last error kept, so a run whose gauges were never read says so instead of reporting zeros."""
 
     def __init__(self, server: VllmServer, names: tuple[str, ...], interval_s: float = 0.1):
         self.server, self.names, self.interval_s = server, names, interval_s
         self.peak = {n: 0.0 for n in names}
         self.samples = 0
+        self.failures = 0
+        self.last_error: str | None = None
         self.load_averages: list[float] = []  # 1-minute load of the machine: other work skews timings
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -191,13 +199,15 @@ class GaugeWatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.load_averages.append(os.getloadavg()[0])
             try:
                 values = self.server.metrics()
-            except httpx.HTTPError:
-                values = {}
-            for n in self.names:
-                if n in values:
-                    self.peak[n] = max(self.peak[n], values[n])
-            self.samples += 1
-            self.load_averages.append(os.getloadavg()[0])
+            except Exception as e:  # noqa: BLE001 - the thread must outlive any one bad poll
+                self.failures += 1
+                self.last_error = f"{type(e).__name__}: {e}"[:300]
+            else:
+                for n in self.names:
+                    if n in values:
+                        self.peak[n] = max(self.peak[n], values[n])
+                self.samples += 1
             self._stop.wait(self.interval_s)

@@ -4,14 +4,18 @@ a small run of stock vLLM and HEADKV servers at the same KV cache size (slow).""
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from conftest import ROOT
 from headkv_vllm.bench import parse_args
-from headkv_vllm.bench_run import kv_bytes_per_request, latency_stats, stock_kv_bytes_for, stock_request_bytes
+from headkv_vllm.bench_run import (add_ratios, bench_table, kv_bytes_per_request, latency_stats, stock_kv_bytes_for,
+                                   stock_request_bytes)
 from headkv_vllm.methods import Method
+from headkv_vllm.plots import bench_plot
 from headkv_vllm.scores import ModelIdentity
+from headkv_vllm.serve_process import GaugeWatcher
 
 SMOL = ModelIdentity("SmolLM2-135M-Instruct", 30, 9, 3, 64)
 STOCK_TOKEN_BYTES = 2 * 30 * 3 * 64 * 4  # K and V, 30 layers, 3 KV heads, head_dim 64, float32
@@ -52,6 +56,53 @@ def test_one_output_token_has_no_inter_token_latency():
     assert json.loads(json.dumps(s, allow_nan=False)) == s
 
 
+class _FlakyMetrics:
+    """A server whose /metrics answers, times out, or breaks in turn (a busy server on 2 cores)."""
+
+    def __init__(self, answers: list):
+        self.answers, self.done = list(answers), threading.Event()
+
+    def metrics(self) -> dict[str, float]:
+        answer = self.answers.pop(0) if self.answers else None
+        if not self.answers:
+            self.done.set()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer or {}
+
+
+def test_gauge_watcher_survives_failed_polls_and_counts_them():
+    import httpx
+
+    server = _FlakyMetrics([httpx.ReadTimeout("slow"), {"vllm:num_requests_running": 3.0}, ValueError("bad text"),
+                            {"vllm:num_requests_running": 6.0}, {"vllm:num_requests_running": 0.0}])
+    with GaugeWatcher(server, ("vllm:num_requests_running",), interval_s=0.001) as gauges:
+        assert server.done.wait(10)
+    assert gauges.peak["vllm:num_requests_running"] == 6.0
+    assert gauges.failures == 2 and gauges.samples >= 3 and gauges.last_error == "ValueError: bad text"
+
+
+def _config(name: str, method: str, kv_size, tok_s: float, peak) -> dict:
+    return {"config": name, "method": method, "kv_size": kv_size, "requests_per_s": 1.0, "output_tokens_per_s": tok_s,
+            "ttft_mean_s": 1.0, "ttft_p99_s": 2.0, "itl_mean_s": 0.1, "itl_p99_s": 0.2, "peak_running": peak,
+            "preemptions": 0.0, "kv_bytes_per_request": 2**20, "duration_s": 10.0, "load_average_mean": 1.0}
+
+
+def test_unread_gauges_show_as_unknown_not_zero(tmp_path):
+    result = {"model": "m", "kv_cache_bytes": 2**24, "stock_requests_that_fit": 2.0,
+              "workload": {"num_requests": 4, "prompt_tokens": [300, 400], "output_tokens": 8},
+              "configs": [_config("stock vLLM", "full", None, 10.0, 2.0),
+                          _config("SnapKV @ 32", "snapkv", 32, 20.0, None),
+                          _config("SnapKV @ 64", "snapkv", 64, 15.0, 4.0)]}
+    add_ratios(result["configs"])
+    unread, read = result["configs"][1:]
+    assert unread["peak_running_x_stock"] is None and read["peak_running_x_stock"] == 2.0
+    assert unread["output_tokens_per_s_x_stock"] == 2.0
+    row = next(line for line in bench_table(result).splitlines() if line.startswith("| SnapKV @ 32"))
+    assert "| - | - |" in row
+    assert bench_plot(result, tmp_path / "b.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--method", "full"], "--method"),
     (["--method", "h2o"], "--method"),
@@ -82,7 +133,8 @@ def test_small_run_stock_and_headkv_at_the_same_kv_bytes(model_dir, tmp_path):
     assert stock["method"] == "full" and headkv["kv_size"] == 32
     for c in (stock, headkv):
         assert c["output_tokens"] == 6 * 64 and c["ttft_mean_s"] > 0 and c["itl_mean_s"] > 0
-        assert c["peak_running"] >= 1 and c["gauge_samples"] > 0
+        gauges = {k: c.get(k) for k in ("peak_running", "gauge_samples", "gauge_failures", "gauge_last_error")}
+        assert c["gauge_samples"] > 0 and c["peak_running"] >= 1, (c["config"], gauges)
         assert "--kv-cache-memory-bytes " + str(result["kv_cache_bytes"]) in c["server"]["command"]
     # the HEADKV pool (head pages of 16 tokens x 64 x K,V x 4 bytes) is the bytes both servers were given
     pool = headkv["server"]["headkv_pool"]["pool_head_pages"] * 16 * 64 * 2 * 4
