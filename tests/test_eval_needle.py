@@ -102,7 +102,7 @@ def test_small_run_through_real_servers(model_dir, tmp_path):
     out = tmp_path / "needle"
     cmd = [sys.executable, "-m", "headkv_vllm.cli", "eval-needle", "--model", str(model_dir),
            "--methods", "full,snapkv", "--kv-sizes", "32", "--lengths", "600,1200", "--depths", "0,100",
-           "--needles", f"{NEEDLES[0].name},{REASONING.name}", "--out", str(out)]
+           "--needles", f"{NEEDLES[0].name},{REASONING.name}", "--kv-cache-bytes", str(2**30), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((out / "needle.json").read_text())
