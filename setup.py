@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="HeadKV head-level KV-cache compression as a vLLM plugin",
     python_requires=">=3.10",
-    packages=["headkv_vllm", "headkv_vllm.kernels"],
+    packages=["headkv_vllm", "headkv_vllm.core", "headkv_vllm.engine", "headkv_vllm.method",
+              "headkv_vllm.tools", "headkv_vllm.kernels"],
     package_dir={"headkv_vllm.kernels": "kernels"},
     install_requires=["vllm==0.32.*"],
     extras_require={

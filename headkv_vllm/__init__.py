@@ -5,6 +5,6 @@ __version__ = "0.1.0"
 
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group (see ``plugin.register``)."""
-    from headkv_vllm.plugin import register as _register
+    from headkv_vllm.engine.plugin import register as _register
 
     _register()

@@ -7,12 +7,12 @@ import sys
 
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS = {
-    "prepare-model": ("headkv_vllm.prepare_model", "convert the default model (SmolLM2-135M-Instruct) offline"),
-    "eval-needle": ("headkv_vllm.eval_needle", "needle-in-a-haystack quality of each KV-cache method through a real server"),
-    "bench": ("headkv_vllm.bench", "serving throughput, latency and memory of HEADKV against stock vLLM"),
-    "score-heads": ("headkv_vllm.score_heads", "compute head-importance scores (probe R or R2) for a model"),
-    "import-scores": ("headkv_vllm.import_scores", "convert a published HeadKV score file into configs/ format"),
-    "budgets": ("headkv_vllm.budget_table", "print the per-head budget table a score file yields"),
+    "prepare-model": ("headkv_vllm.tools.prepare_model", "convert the default model (SmolLM2-135M-Instruct) offline"),
+    "eval-needle": ("headkv_vllm.tools.eval_needle", "needle-in-a-haystack quality of each KV-cache method through a real server"),
+    "bench": ("headkv_vllm.tools.bench", "serving throughput, latency and memory of HEADKV against stock vLLM"),
+    "score-heads": ("headkv_vllm.tools.score_heads", "compute head-importance scores (probe R or R2) for a model"),
+    "import-scores": ("headkv_vllm.tools.import_scores", "convert a published HeadKV score file into configs/ format"),
+    "budgets": ("headkv_vllm.tools.budget_table", "print the per-head budget table a score file yields"),
 }
 
 

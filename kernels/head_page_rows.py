@@ -4,7 +4,7 @@
     pos(h, j) = sum_h' max(0, ceil((j*bs - kept[h] + kept[h'] + [h' < h]) / bs))
 
 ``kept[h]`` is what head h kept of the prompt. Written here independently of
-``headkv_vllm.layout`` so that the kernel tests cross-check the two.
+``headkv_vllm.method.layout`` so that the kernel tests cross-check the two.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def head_pages(kept: torch.Tensor, shapes: Shapes, device, gen: torch.Generator)
     """Random head pages for ``kept`` [B, Hkv] tokens per head, and block-table rows
     [B, W] int32 with each head's pages at their canonical positions
     (docs/kv_layout.md) on scattered blocks. Returns (pages, rows)."""
-    from headkv_vllm.layout import page_positions
+    from headkv_vllm.method.layout import page_positions
 
     bs = shapes.block_size
     num_pages = -(-kept // bs)  # [B, H]

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     # first imports headkv_vllm.kernels, so it must be set before collection.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from headkv_vllm.scores import ModelIdentity
+from headkv_vllm.method.scores import ModelIdentity
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models" / "SmolLM2-135M-Instruct"
@@ -62,7 +62,7 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="session")
 def haystack_ids(tokenizer):
-    from headkv_vllm.haystack import haystack_text
+    from headkv_vllm.tools.haystack import haystack_text
 
     return tokenizer(haystack_text()[:400000])["input_ids"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from headkv_vllm.layout import page_positions
+from headkv_vllm.method.layout import page_positions
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -54,7 +54,7 @@ def random_slots(lengths: torch.Tensor, block_size: int, num_blocks: int, first_
 def canonical_rows(kept: torch.Tensor, lengths: torch.Tensor, block_size: int, num_blocks: int,
                    first_block: int = 1, spare: int = 3, gen: torch.Generator | None = None) -> torch.Tensor:
     """Block-table rows [B, W] int32 holding each head's pages at its canonical
-    position (``headkv_vllm.layout.page_positions``) on scattered blocks; the row
+    position (``headkv_vllm.method.layout.page_positions``) on scattered blocks; the row
     tail past the pages in use is padding (block 0), as in vLLM's block table."""
     batch, heads = kept.shape
     pages = -(-lengths // block_size)  # [B, H]

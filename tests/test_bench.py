@@ -9,13 +9,13 @@ import threading
 import pytest
 
 from conftest import ROOT
-from headkv_vllm.bench import parse_args
-from headkv_vllm.bench_run import (add_ratios, bench_table, kv_bytes_per_request, latency_stats, stock_kv_bytes_for,
+from headkv_vllm.tools.bench import parse_args
+from headkv_vllm.tools.bench_run import (add_ratios, bench_table, kv_bytes_per_request, latency_stats, stock_kv_bytes_for,
                                    stock_request_bytes)
-from headkv_vllm.methods import Method
-from headkv_vllm.plots import bench_plot
-from headkv_vllm.scores import ModelIdentity
-from headkv_vllm.serve_process import GaugeWatcher
+from headkv_vllm.tools.methods import Method
+from headkv_vllm.tools.plots import bench_plot
+from headkv_vllm.method.scores import ModelIdentity
+from headkv_vllm.tools.serve_process import GaugeWatcher
 
 SMOL = ModelIdentity("SmolLM2-135M-Instruct", 30, 9, 3, 64)
 STOCK_TOKEN_BYTES = 2 * 30 * 3 * 64 * 4  # K and V, 30 layers, 3 KV heads, head_dim 64, float32

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from headkv_vllm.budget_table import main as budgets_cli
-from headkv_vllm.budgets import headkv_caps
-from headkv_vllm.config import HeadKVConfig
-from headkv_vllm.engine_setup import resolve_budgets
-from headkv_vllm.scores import ModelIdentity, load_scores, write_scores
+from headkv_vllm.tools.budget_table import main as budgets_cli
+from headkv_vllm.method.budgets import headkv_caps
+from headkv_vllm.method.config import HeadKVConfig
+from headkv_vllm.engine.settings import resolve_budgets
+from headkv_vllm.method.scores import ModelIdentity, load_scores, write_scores
 
 MODEL = ModelIdentity("Tiny-LM", num_layers=3, num_query_heads=4, num_kv_heads=2, head_dim=16)
 RAW = [[9.0, 0.0, 0.5, 0.5], [0.0, 0.1, 3.0, 0.0], [0.2, 0.2, 0.2, 6.0]]

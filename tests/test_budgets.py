@@ -1,6 +1,6 @@
 import pytest
 
-from headkv_vllm.budgets import Budgets, headkv_caps, pyramidkv_caps, snapkv_caps
+from headkv_vllm.method.budgets import Budgets, headkv_caps, pyramidkv_caps, snapkv_caps
 
 
 def skewed(num_layers=4, num_heads=3):

@@ -1,6 +1,6 @@
 import pytest
 
-from headkv_vllm.config import HeadKVConfig, HeadKVConfigError
+from headkv_vllm.method.config import HeadKVConfig, HeadKVConfigError
 
 
 def test_empty_and_missing_sections_give_defaults():

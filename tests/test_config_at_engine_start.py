@@ -35,7 +35,7 @@ def score_file(tmp_path, rows, layers=30, heads=3):
     ({"policy": "headkv"}, r"no file in configs/ matches the model 'SmolLM2-135M-Instruct'.*Fix: set 'scores'"),
 ])
 def test_bad_settings(model_dir, headkv, pattern, tmp_path, monkeypatch):
-    monkeypatch.setattr("headkv_vllm.scores.CONFIG_DIR", tmp_path)  # no score files: the default lookup finds none
+    monkeypatch.setattr("headkv_vllm.method.scores.CONFIG_DIR", tmp_path)  # no score files: the default lookup finds none
     with pytest.raises(ValueError, match=pattern):
         make_config(model_dir, headkv)
 
@@ -65,4 +65,4 @@ def test_good_settings_apply_engine_options(model_dir, tmp_path):
     assert not config.cache_config.enable_prefix_caching
     assert not config.scheduler_config.enable_chunked_prefill
     assert config.scheduler_config.max_num_batched_tokens >= 2048
-    assert config.parallel_config.worker_cls == "headkv_vllm.worker.HeadKVWorker"
+    assert config.parallel_config.worker_cls == "headkv_vllm.engine.worker.HeadKVWorker"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from headkv_vllm.kernels.paged_decode import paged_decode_ref
-from headkv_vllm.vllm_compat import (
+from headkv_vllm.engine.compat import (
     cpu_attention_isa,
     cpu_attention_schedule,
     cpu_head_attention,

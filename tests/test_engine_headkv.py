@@ -4,8 +4,8 @@ independent reference (compression), on SmolLM2 in float32."""
 import pytest
 
 from conftest import SMOL, engine, run_llm
-from headkv_vllm.config import HeadKVConfig
-from headkv_vllm.engine_setup import resolve_budgets
+from headkv_vllm.method.config import HeadKVConfig
+from headkv_vllm.engine.settings import resolve_budgets
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from conftest import SMOL, engine, run_engine_script, run_llm
-from headkv_vllm.config import HeadKVConfig
-from headkv_vllm.engine_setup import resolve_budgets
+from headkv_vllm.method.config import HeadKVConfig
+from headkv_vllm.engine.settings import resolve_budgets
 
 BLOCK = 16
 DTYPE_BYTES = 4  # float32

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from conftest import ROOT
-from headkv_vllm.eval_needle import FORMAT, earlier_cells, parse_args, summarize
-from headkv_vllm.eval_needles import NEEDLES, Needle
-from headkv_vllm.needle_prompts import chat_options, contains_answer, rouge1_recall, score
+from headkv_vllm.tools.eval_needle import FORMAT, earlier_cells, parse_args, summarize
+from headkv_vllm.tools.eval_needles import NEEDLES, Needle
+from headkv_vllm.tools.needle_prompts import chat_options, contains_answer, rouge1_recall, score
 
 REASONING = next(n for n in NEEDLES if n.kind == "reasoning")
 
@@ -23,7 +23,7 @@ def test_needles_are_unique_and_answerable_from_their_text():
 
 
 def test_needles_differ_from_the_head_scoring_probes():
-    probes = pytest.importorskip("headkv_vllm.probes")
+    probes = pytest.importorskip("headkv_vllm.tools.probes")
     probe_texts = {p.text for needles in probes.NEEDLES.values() for p in needles}
     probe_answers = {p.answer.lower() for needles in probes.NEEDLES.values() for p in needles}
     for n in NEEDLES:
@@ -49,7 +49,7 @@ def test_a_reasoning_answer_naming_the_distractor_too_gets_no_credit():
 def prompts(model_dir):
     from transformers import AutoTokenizer
 
-    from headkv_vllm.needle_prompts import NeedlePrompts
+    from headkv_vllm.tools.needle_prompts import NeedlePrompts
 
     return NeedlePrompts(AutoTokenizer.from_pretrained(str(model_dir)))
 
@@ -146,7 +146,7 @@ def test_resume_keeps_cells_of_the_same_model_answer_length_and_needle_text(tmp_
 
 
 def test_summary_plot_has_a_line_per_method(tmp_path):
-    from headkv_vllm.plots import needle_summary_plot
+    from headkv_vllm.tools.plots import needle_summary_plot
 
     cell = lambda ok: {"length": 2000, "rouge1": float(ok), "contains": ok}
     runs = [{"method": "full", "kv_size": None, "label": "Full cache", "cells": [cell(True)]}]

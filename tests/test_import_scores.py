@@ -6,9 +6,9 @@ import statistics
 
 import pytest
 
-from headkv_vllm.budgets import headkv_caps
-from headkv_vllm.import_scores import main as import_scores
-from headkv_vllm.scores import load_scores
+from headkv_vllm.method.budgets import headkv_caps
+from headkv_vllm.tools.import_scores import main as import_scores
+from headkv_vllm.method.scores import load_scores
 
 LAYERS, QUERY_HEADS = 3, 4
 SHAPE = ["--num-kv-heads", "2", "--head-dim", "16"]

@@ -14,7 +14,7 @@ from headkv_vllm.kernels.paged_decode import paged_decode, paged_decode_ref, pag
 from headkv_vllm.kernels.paged_decode_block_table import (
     paged_decode_block_table, paged_decode_block_table_ref, paged_decode_block_table_triton,
 )
-from headkv_vllm.layout import page_positions
+from headkv_vllm.method.layout import page_positions
 from kernel_cases import DEVICE, DTYPES, HUGE_FIRST_BLOCK, canonical_rows, huge_pages, random_slots
 
 # Output tolerances per dtype. The kernels round softmax weights to the cache dtype
@@ -79,7 +79,7 @@ def test_block_table_decode_matches_reference(hq, hkv, d, block_size, lengths, d
 @pytest.mark.parametrize("block_size", [1, 8, 16])
 @pytest.mark.parametrize("seed", range(3))
 def test_block_table_slots_follow_the_layout(block_size, seed):
-    # head_page_slots (kernels) against headkv_vllm.layout.page_positions (engine).
+    # head_page_slots (kernels) against headkv_vllm.method.layout.page_positions (engine).
     g = torch.Generator().manual_seed(seed)
     kept = torch.randint(1, 60, (3, 5), generator=g)
     lengths = kept + torch.randint(0, 40, (3, 1), generator=g)

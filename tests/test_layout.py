@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from headkv_vllm.layout import head_lengths, num_head_pages, page_positions
+from headkv_vllm.method.layout import head_lengths, num_head_pages, page_positions
 
 
 def brute_positions(kept, bs, pages_per_head):

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from headkv_vllm.plugin import check_vllm_version
+from headkv_vllm.engine.plugin import check_vllm_version
 
 
 def test_entry_point_is_declared():
@@ -27,7 +27,7 @@ def test_register_is_idempotent():
     assert AttentionBackendEnum["HEADKV"] is member
     assert type(current_platform).check_and_update_config == wrapped
     assert list(AttentionBackendEnum.__members__).count("HEADKV") == 1
-    assert member.get_path() == "headkv_vllm.backend.HeadKVBackend"
+    assert member.get_path() == "headkv_vllm.engine.backend.HeadKVBackend"
     assert member.get_class().get_name() == "HEADKV"
 
 
@@ -63,7 +63,7 @@ def test_member_unpickles_in_spawned_process_without_plugins():
 
     headkv_vllm.register()
     payload = pickle.dumps(AttentionBackendEnum["HEADKV"])
-    assert _run_spawned(_child_unpickle, payload) == ("HEADKV", "headkv_vllm.backend.HeadKVBackend")
+    assert _run_spawned(_child_unpickle, payload) == ("HEADKV", "headkv_vllm.engine.backend.HeadKVBackend")
 
 
 def test_plugin_loads_in_spawned_process():
@@ -89,7 +89,7 @@ def test_cpu_platform_routes_headkv_to_our_backend():
     headkv_vllm.register()
     assert current_platform.is_cpu()
     path = current_platform.get_attn_backend_cls(AttentionBackendEnum["HEADKV"], None)
-    assert path == "headkv_vllm.backend.HeadKVBackend"
+    assert path == "headkv_vllm.engine.backend.HeadKVBackend"
 
 
 @pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0"])

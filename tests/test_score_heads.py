@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from headkv_vllm.attention_credit import reasoning_credit, retrieval_credit
-from headkv_vllm.haystack import haystack_text
-from headkv_vllm.probes import (
+from headkv_vllm.tools.attention_credit import reasoning_credit, retrieval_credit
+from headkv_vllm.tools.haystack import haystack_text
+from headkv_vllm.tools.probes import (
     NEEDLES,
     PromptBuilder,
     Trial,
@@ -20,9 +20,9 @@ from headkv_vllm.probes import (
     qa_f1,
     rouge1_recall,
 )
-from headkv_vllm.score_heads import ProbeRunner, mean_of_correct, model_identity
-from headkv_vllm.score_heads import main as score_heads
-from headkv_vllm.scores import ModelIdentity, ScoreFileError, load_scores, write_scores
+from headkv_vllm.tools.score_heads import ProbeRunner, mean_of_correct, model_identity
+from headkv_vllm.tools.score_heads import main as score_heads
+from headkv_vllm.method.scores import ModelIdentity, ScoreFileError, load_scores, write_scores
 
 SPAN = (4, 7)  # needle tokens at positions 4, 5, 6
 

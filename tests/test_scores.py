@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from headkv_vllm import scores as score_files
-from headkv_vllm.budgets import headkv_caps
-from headkv_vllm.config import HeadKVConfig, HeadKVConfigError
-from headkv_vllm.engine_setup import resolve_budgets
-from headkv_vllm.scores import (
+from headkv_vllm.method import scores as score_files
+from headkv_vllm.method.budgets import headkv_caps
+from headkv_vllm.method.config import HeadKVConfig, HeadKVConfigError
+from headkv_vllm.engine.settings import resolve_budgets
+from headkv_vllm.method.scores import (
     ModelIdentity,
     ScoreFileError,
     aggregate_to_kv_heads,

@@ -22,7 +22,7 @@ HEAD_PAGE_BYTES = 2 * BLOCK * SMOL.head_dim * 4
 
 @pytest.fixture(scope="module")
 def server(model_dir, skewed_scores, tmp_path_factory):
-    from headkv_vllm.serve_process import ServerConfig, VllmServer
+    from headkv_vllm.tools.serve_process import ServerConfig, VllmServer
 
     config = ServerConfig(
         model=str(model_dir), headkv={"policy": "headkv", "kv_size": 128, "scores": skewed_scores},

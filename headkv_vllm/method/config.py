@@ -45,7 +45,7 @@ class HeadKVConfig:
     source: str = dataclasses.field(default="--additional-config", compare=False, repr=False)
 
     def __post_init__(self):
-        from headkv_vllm.budgets import POLICIES
+        from headkv_vllm.method.budgets import POLICIES
 
         where = f"{self.source} key '{CONFIG_KEY}'"
         if self.policy not in POLICIES:

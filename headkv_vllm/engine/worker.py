@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from headkv_vllm.engine_setup import headkv_from_vllm_config
-from headkv_vllm.kv_spec import to_head_specs
-from headkv_vllm.vllm_compat import (
+from headkv_vllm.engine.settings import headkv_from_vllm_config
+from headkv_vllm.engine.kv_spec import to_head_specs
+from headkv_vllm.engine.compat import (
     kv_cache_group_sizes,
     kv_cache_tensor_offsets,
     logger,
@@ -26,7 +26,7 @@ class HeadKVWorker(platform_worker_cls()):
         if kv_cache_tensor_offsets(kv_cache_config) != {0}:
             raise RuntimeError("HeadKV needs every layer's pages to alias one pool (all tensors at offset 0).")
         super().initialize_from_config(kv_cache_config)
-        from headkv_vllm.backend import HeadKVMetadataBuilder
+        from headkv_vllm.engine.backend import HeadKVMetadataBuilder
 
         for builder in metadata_builders(self.model_runner):
             if isinstance(builder, HeadKVMetadataBuilder):

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from headkv_vllm.budgets import Budgets
-from headkv_vllm.layout import head_lengths, num_head_pages
-from headkv_vllm.vllm_compat import (
+from headkv_vllm.method.budgets import Budgets
+from headkv_vllm.method.layout import head_lengths, num_head_pages
+from headkv_vllm.engine.compat import (
     AttentionSpec,
     FullAttentionSpec,
     SingleTypeKVCacheManager,

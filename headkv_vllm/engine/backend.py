@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from headkv_vllm.kernels.paged_decode import paged_decode
 from headkv_vllm.kernels.select_store import select_and_store, select_sources
 from headkv_vllm.kernels.window_scores import window_scores
-from headkv_vllm.layout import page_positions
-from headkv_vllm.vllm_compat import (
+from headkv_vllm.method.layout import page_positions
+from headkv_vllm.engine.compat import (
     BACKEND_NAME,
     AttentionBackend,
     AttentionImpl,
@@ -242,7 +242,7 @@ class HeadKVImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = None
         self.group = num_heads // num_kv_heads
         config = get_current_vllm_config().additional_config
-        from headkv_vllm.config import HeadKVConfig
+        from headkv_vllm.method.config import HeadKVConfig
 
         self.pool_kernel = HeadKVConfig.from_additional_config(config).pool_kernel
 

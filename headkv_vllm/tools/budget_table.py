@@ -16,10 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-from headkv_vllm.budgets import POLICIES, Budgets, headkv_caps, pyramidkv_caps, snapkv_caps
-from headkv_vllm.config import HeadKVConfig, HeadKVConfigError
-from headkv_vllm.engine_setup import resolve_budgets
-from headkv_vllm.scores import HeadScores, ScoreFileError, load_scores
+from headkv_vllm.method.budgets import POLICIES, Budgets, headkv_caps, pyramidkv_caps, snapkv_caps
+from headkv_vllm.method.config import HeadKVConfig, HeadKVConfigError
+from headkv_vllm.engine.settings import resolve_budgets
+from headkv_vllm.method.scores import HeadScores, ScoreFileError, load_scores
 
 PER = ("kv-head", "query-head")
 

@@ -75,7 +75,7 @@ def vllm_version() -> str:
 
 def _unpickle_member(name: str) -> AttentionBackendEnum:
     # Runs in a spawned process that may not have loaded plugins yet.
-    from headkv_vllm.plugin import register
+    from headkv_vllm.engine.plugin import register
 
     register()
     return AttentionBackendEnum[name]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from headkv_vllm.methods import FULL, Method
-from headkv_vllm.scores import ModelIdentity
+from headkv_vllm.tools.methods import FULL, Method
+from headkv_vllm.method.scores import ModelIdentity
 
 FORMAT = "headkv-bench/1"
 GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
@@ -27,9 +27,9 @@ POLL_S = 0.25
 def run_bench(args: argparse.Namespace, model: ModelIdentity, methods: list[Method], command: str) -> int:
     from transformers import AutoTokenizer
 
-    from headkv_vllm.eval_needle import _portable
-    from headkv_vllm.machine import machine_info
-    from headkv_vllm.serve_process import stop_servers_on_sigterm
+    from headkv_vllm.tools.eval_needle import _portable
+    from headkv_vllm.tools.machine import machine_info
+    from headkv_vllm.tools.serve_process import stop_servers_on_sigterm
 
     stop_servers_on_sigterm()
 
@@ -56,7 +56,7 @@ def run_bench(args: argparse.Namespace, model: ModelIdentity, methods: list[Meth
         result["configs"].append(run)
         add_ratios(result["configs"])
         json_path.write_text(json.dumps(result, indent=1))
-    from headkv_vllm.plots import bench_plot
+    from headkv_vllm.tools.plots import bench_plot
 
     table = bench_table(result)
     (out / f"{args.name}.md").write_text(table + "\n")
@@ -68,7 +68,7 @@ def run_bench(args: argparse.Namespace, model: ModelIdentity, methods: list[Meth
 
 def make_workload(tokenizer, n: int, prompt_range: tuple[int, int], seed: int) -> list[list[int]]:
     """Token-id prompts: haystack windows at random offsets (no shared prefixes)."""
-    from headkv_vllm.haystack import haystack_text
+    from headkv_vllm.tools.haystack import haystack_text
 
     haystack = tokenizer(haystack_text())["input_ids"]
     rng = random.Random(seed)
@@ -99,10 +99,10 @@ def kv_bytes_per_request(model: ModelIdentity, method: Method, prompts: list[lis
     budgets and the page layout the scheduler allocates by (docs/kv_layout.md)."""
     if method.headkv is None:
         return stock_request_bytes(model, prompts, output_tokens)
-    from headkv_vllm.config import HeadKVConfig
-    from headkv_vllm.engine_setup import DEFAULT_BLOCK_SIZE as BLOCK_SIZE
-    from headkv_vllm.engine_setup import resolve_budgets
-    from headkv_vllm.layout import num_head_pages
+    from headkv_vllm.method.config import HeadKVConfig
+    from headkv_vllm.engine.settings import DEFAULT_BLOCK_SIZE as BLOCK_SIZE
+    from headkv_vllm.engine.settings import resolve_budgets
+    from headkv_vllm.method.layout import num_head_pages
 
     budgets, _ = resolve_budgets(HeadKVConfig.from_mapping(method.headkv), model)
     page_bytes = 2 * BLOCK_SIZE * model.head_dim * DTYPE_BYTES
@@ -112,7 +112,7 @@ def kv_bytes_per_request(model: ModelIdentity, method: Method, prompts: list[lis
 
 
 def measure(method: Method, prompts: list[list[int]], kv_bytes: int, args: argparse.Namespace, out: Path) -> dict:
-    from headkv_vllm.serve_process import GaugeWatcher, ServerConfig, ServerError, VllmServer
+    from headkv_vllm.tools.serve_process import GaugeWatcher, ServerConfig, ServerError, VllmServer
 
     label = "stock vLLM" if method.name == FULL else method.label
     run = {"config": label, "method": method.name, "kv_size": method.kv_size}

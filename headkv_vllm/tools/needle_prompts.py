@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from headkv_vllm.eval_needles import Needle
-from headkv_vllm.haystack import haystack_text
+from headkv_vllm.tools.eval_needles import Needle
+from headkv_vllm.tools.haystack import haystack_text
 
 USER_TEMPLATE = ("Read the document and answer the question: {question}\n\nDocument:\n{document}\n\n"
                  "Question: {question}\nAnswer in one short sentence.")

@@ -22,7 +22,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from headkv_vllm.methods import (FULL, METHODS, MethodError, build_methods, model_identity, parse_ints)
+from headkv_vllm.tools.methods import (FULL, METHODS, MethodError, build_methods, model_identity, parse_ints)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.no_stock:
         methods = build_methods([FULL], [], model, {}) + methods
-    from headkv_vllm.bench_run import run_bench
+    from headkv_vllm.tools.bench_run import run_bench
 
     return run_bench(args, model, methods, "headkv-vllm bench " + shlex.join(argv))
 

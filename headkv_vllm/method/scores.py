@@ -33,7 +33,7 @@ from pathlib import Path
 
 FORMAT = "headkv-scores/1"
 KV_AGGREGATION = "sum"
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 class ScoreFileError(ValueError):

@@ -22,8 +22,8 @@ import shlex
 import time
 from pathlib import Path
 
-from headkv_vllm.probes import NEEDLES, PROBES, PromptBuilder, Trial, depths, grid, is_correct, lengths
-from headkv_vllm.scores import CONFIG_DIR, ModelIdentity, ScoreFileError, write_scores
+from headkv_vllm.tools.probes import NEEDLES, PROBES, PromptBuilder, Trial, depths, grid, is_correct, lengths
+from headkv_vllm.method.scores import CONFIG_DIR, ModelIdentity, ScoreFileError, write_scores
 
 TRIALS_FORMAT = "headkv-score-trials/1"
 LENGTH_MARGIN = 16  # tokens kept free below the model's context besides the answer
@@ -74,7 +74,7 @@ class ProbeRunner:
         return 2 * n if self.probe == "R" else n
 
     def run(self, trial: Trial) -> TrialResult:
-        from headkv_vllm.attention_credit import reasoning_credit, retrieval_credit
+        from headkv_vllm.tools.attention_credit import reasoning_credit, retrieval_credit
 
         torch = self.torch
         needle = NEEDLES[self.probe][trial.needle]
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
-    from headkv_vllm.haystack import haystack_text
+    from headkv_vllm.tools.haystack import haystack_text
 
     argv = list(argv or [])
     args = parse_args(argv)

@@ -6,13 +6,13 @@ possibly several times; it is idempotent and imports vLLM only when called.
 
 from __future__ import annotations
 
-BACKEND_PATH = "headkv_vllm.backend.HeadKVBackend"
+BACKEND_PATH = "headkv_vllm.engine.backend.HeadKVBackend"
 
 _registered = False
 
 
 def check_vllm_version(version: str) -> None:
-    from headkv_vllm.vllm_compat import SUPPORTED_VLLM
+    from headkv_vllm.engine.compat import SUPPORTED_VLLM
 
     if not version.startswith(SUPPORTED_VLLM):
         raise RuntimeError(
@@ -26,13 +26,13 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from headkv_vllm import vllm_compat as compat
+    from headkv_vllm.engine import compat
 
     check_vllm_version(compat.vllm_version())
     compat.register_backend_member(BACKEND_PATH)
     compat.route_cpu_platform_to(BACKEND_PATH)
     compat.wrap_check_and_update_config(on_engine_config)
-    from headkv_vllm.kv_spec import register_head_spec
+    from headkv_vllm.engine.kv_spec import register_head_spec
 
     register_head_spec()
     _registered = True
@@ -40,8 +40,8 @@ def register() -> None:
 
 def on_engine_config(vllm_config) -> None:
     """Runs once, in the first process, while the engine config is finalised."""
-    from headkv_vllm.engine_setup import apply_engine_settings, headkv_from_vllm_config
-    from headkv_vllm.vllm_compat import BACKEND_NAME, logger, selected_backend_name
+    from headkv_vllm.engine.settings import apply_engine_settings, headkv_from_vllm_config
+    from headkv_vllm.engine.compat import BACKEND_NAME, logger, selected_backend_name
 
     if selected_backend_name(vllm_config) != BACKEND_NAME:
         return

@@ -13,7 +13,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from headkv_vllm.scores import CONFIG_DIR, ModelIdentity, ScoreFileError, load_scores
+from headkv_vllm.method.scores import CONFIG_DIR, ModelIdentity, ScoreFileError, load_scores
 
 FULL = "full"
 POLICY_OF = {"snapkv": "snapkv", "pyramidkv": "pyramidkv", "headkv-r": "headkv", "headkv-r2": "headkv"}

@@ -1,6 +1,6 @@
 """The needles of ``headkv-vllm eval-needle``.
 
-They differ from the head-scoring probes (``headkv_vllm/probes.py``), so the
+They differ from the head-scoring probes (``headkv_vllm/tools/probes.py``), so the
 evaluation does not test the very facts the scores were made from. Each was kept
 because SmolLM2-135M-Instruct answers it with the full cache at 1k-3k tokens and most
 depths; without that, "% of full cache" would measure noise.

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from headkv_vllm.budgets import Budgets, headkv_caps, pyramidkv_caps, snapkv_caps
-from headkv_vllm.config import CONFIG_KEY, HeadKVConfig, HeadKVConfigError
-from headkv_vllm.scores import ModelIdentity, ScoreFileError, available_score_files, find_score_file, load_scores
+from headkv_vllm.method.budgets import Budgets, headkv_caps, pyramidkv_caps, snapkv_caps
+from headkv_vllm.method.config import CONFIG_KEY, HeadKVConfig, HeadKVConfigError
+from headkv_vllm.method.scores import ModelIdentity, ScoreFileError, available_score_files, find_score_file, load_scores
 
-WORKER_CLS = "headkv_vllm.worker.HeadKVWorker"
+WORKER_CLS = "headkv_vllm.engine.worker.HeadKVWorker"
 DEFAULT_BLOCK_SIZE = 16  # partially filled last pages cost ~1-4% at an average budget of 128
 
 
@@ -89,7 +89,7 @@ def apply_engine_settings(vllm_config, logger) -> None:
 
 
 def _platform_worker():
-    from headkv_vllm.vllm_compat import platform_worker_cls
+    from headkv_vllm.engine.compat import platform_worker_cls
 
     return platform_worker_cls()
 

@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from headkv_vllm.eval_needles import NEEDLES, Needle
-from headkv_vllm.methods import (FULL, Method, MethodError, build_methods, model_identity, parse_ints,
+from headkv_vllm.tools.eval_needles import NEEDLES, Needle
+from headkv_vllm.tools.methods import (FULL, Method, MethodError, build_methods, model_identity, parse_ints,
                                  parse_names)
 
 FORMAT = "headkv-eval-needle/1"
@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 def run_eval(args: argparse.Namespace, methods: list[Method], command: str) -> int:
     from transformers import AutoTokenizer
 
-    from headkv_vllm.machine import machine_info
-    from headkv_vllm.needle_prompts import NeedlePrompts
-    from headkv_vllm.serve_process import stop_servers_on_sigterm
+    from headkv_vllm.tools.machine import machine_info
+    from headkv_vllm.tools.needle_prompts import NeedlePrompts
+    from headkv_vllm.tools.serve_process import stop_servers_on_sigterm
 
     stop_servers_on_sigterm()
 
@@ -141,7 +141,7 @@ def run_eval(args: argparse.Namespace, methods: list[Method], command: str) -> i
         json_path.write_text(json.dumps(result, indent=1))
     table = summary_table(result["summary"], args.summary_range)
     (out / "summary.md").write_text(table + "\n")
-    from headkv_vllm.plots import needle_heatmaps, needle_summary_plot
+    from headkv_vllm.tools.plots import needle_heatmaps, needle_summary_plot
 
     pngs = needle_heatmaps(result, out) + [needle_summary_plot(result, args.summary_range, out / "summary.png")]
     print(table)
@@ -176,7 +176,7 @@ def earlier_cells(path: Path, result: dict) -> dict:
 
 
 def _evaluate(method: Method, cells: list, chats: list, args: argparse.Namespace, out: Path) -> dict:
-    from headkv_vllm.serve_process import ServerConfig, VllmServer
+    from headkv_vllm.tools.serve_process import ServerConfig, VllmServer
 
     started = time.monotonic()
     if args.base_url:
@@ -191,7 +191,7 @@ def _evaluate(method: Method, cells: list, chats: list, args: argparse.Namespace
             answers = asyncio.run(_ask_all(server.base_url, args.model, chats, [c[0] for c in cells], args, method.label))
             server_info = {"command": "vllm serve " + shlex.join(server.command[2:]).replace(str(server.port), "PORT"),
                            "headkv_pool": server.headkv_pool(), "vllm_logged_kv_tokens": server.logged_kv_tokens()}
-    from headkv_vllm.needle_prompts import score
+    from headkv_vllm.tools.needle_prompts import score
 
     rows = []
     for (needle, length, depth), (text, prompt_tokens) in zip(cells, answers):
@@ -207,7 +207,7 @@ async def _ask_all(base_url: str, model: str | None, chats: list, needles: list[
     from openai import AsyncOpenAI
     from tqdm import tqdm
 
-    from headkv_vllm.needle_prompts import chat_options
+    from headkv_vllm.tools.needle_prompts import chat_options
 
     client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=3600, max_retries=0)
     if model is None:
@@ -235,7 +235,7 @@ def _portable(settings: dict | None) -> dict | None:
     """Settings as recorded: a score file inside the project is named relative to it."""
     if not settings or "scores" not in settings:
         return settings
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     path = Path(settings["scores"]).resolve()
     shown = str(path.relative_to(root)) if path.is_relative_to(root) else settings["scores"]
     return {**settings, "scores": shown}

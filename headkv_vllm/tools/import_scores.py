@@ -18,7 +18,7 @@ import shlex
 import statistics
 from pathlib import Path
 
-from headkv_vllm.scores import CONFIG_DIR, ModelIdentity, ScoreFileError, read_json, write_scores
+from headkv_vllm.method.scores import CONFIG_DIR, ModelIdentity, ScoreFileError, read_json, write_scores
 
 # num_kv_heads, head_dim of the models the authors published scores for (their config.json)
 KNOWN_SHAPES = {"Meta-Llama-3-8B-Instruct": (8, 128), "Mistral-7B-Instruct-v0.2": (8, 128)}

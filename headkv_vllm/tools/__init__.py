@@ -1,0 +1,1 @@
+"""Command-line tools: score-heads, import-scores, budgets, eval-needle, bench, prepare-model."""
