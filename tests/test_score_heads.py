@@ -20,9 +20,9 @@ from headkv_vllm.tools.probes import (
     qa_f1,
     rouge1_recall,
 )
-from headkv_vllm.tools.score_heads import ProbeRunner, mean_of_correct, model_identity
+from headkv_vllm.tools.score_heads import ProbeRunner, mean_of_correct
 from headkv_vllm.tools.score_heads import main as score_heads
-from headkv_vllm.method.scores import ModelIdentity, ScoreFileError, load_scores, write_scores
+from headkv_vllm.method.scores import ModelIdentity, ScoreFileError, identity_from_hf_config, load_scores, write_scores
 
 SPAN = (4, 7)  # needle tokens at positions 4, 5, 6
 
@@ -185,7 +185,7 @@ def test_decoding_loop_matches_a_cache_free_reference(tokenizer, probe):
 
 
 def test_model_identity_from_a_transformers_config(tokenizer):
-    identity = model_identity(tiny_llama(tokenizer).config, "Tiny-LM")
+    identity = identity_from_hf_config(tiny_llama(tokenizer).config.get_text_config(), "Tiny-LM")
     assert (identity.num_layers, identity.num_query_heads, identity.num_kv_heads, identity.head_dim) == (2, 4, 2, 16)
 
 

@@ -2,6 +2,7 @@
 and the fix), the KV-head aggregation, and the engine's default file lookup."""
 
 import json
+import types
 
 import pytest
 
@@ -14,6 +15,7 @@ from headkv_vllm.method.scores import (
     ScoreFileError,
     aggregate_to_kv_heads,
     find_score_file,
+    identity_from_hf_config,
     load_scores,
     write_scores,
 )
@@ -97,6 +99,8 @@ def test_engine_lookup_prefers_r2_and_matches_name_and_shape(tmp_path, monkeypat
     assert find_score_file(ModelIdentity("org/Tiny-LM", 2, 4, 2, 8)).name == "Tiny-LM_R2.json"
     assert find_score_file(ModelIdentity("Tiny-LM", 2, 4, 2, 8), probe="R").name == "Tiny-LM_R.json"
     assert find_score_file(ModelIdentity("Tiny-LM", 3, 4, 2, 8)) is None
+    assert find_score_file(other, probe="R").name == "Other-LM_R2.json"
+    assert find_score_file(other, probe="R", other_probes=False) is None
     budgets, origin = resolve_budgets(HeadKVConfig(), TINY)
     assert "Tiny-LM_R2.json (probe R2)" in origin and budgets.num_kv_heads == 2
 
@@ -120,3 +124,8 @@ def test_committed_smollm2_scores(probe):
 def test_engine_default_for_smollm2_is_the_r2_file():
     found = find_score_file(ModelIdentity("SmolLM2-135M-Instruct", 30, 9, 3, 64))
     assert found == score_files.CONFIG_DIR / "SmolLM2-135M-Instruct_R2.json"
+
+
+def test_identity_from_a_config_without_kv_heads_or_head_dim():
+    config = types.SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, hidden_size=32)
+    assert identity_from_hf_config(config, "Tiny-LM") == ModelIdentity("Tiny-LM", 2, 4, 4, 8)

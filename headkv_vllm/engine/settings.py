@@ -7,22 +7,11 @@ from pathlib import Path
 
 from headkv_vllm.method.budgets import Budgets, headkv_caps, pyramidkv_caps, snapkv_caps
 from headkv_vllm.method.config import CONFIG_KEY, HeadKVConfig, HeadKVConfigError
-from headkv_vllm.method.scores import ModelIdentity, ScoreFileError, available_score_files, find_score_file, load_scores
+from headkv_vllm.method.scores import (ModelIdentity, ScoreFileError, available_score_files, find_score_file,
+                                       identity_from_hf_config, load_scores)
 
 WORKER_CLS = "headkv_vllm.engine.worker.HeadKVWorker"
 DEFAULT_BLOCK_SIZE = 16  # partially filled last pages cost ~1-4% at an average budget of 128
-
-
-def model_identity(model_config) -> ModelIdentity:
-    hf = model_config.hf_text_config
-    num_heads = hf.num_attention_heads
-    return ModelIdentity(
-        name=Path(str(model_config.model)).name,
-        num_layers=hf.num_hidden_layers,
-        num_query_heads=num_heads,
-        num_kv_heads=getattr(hf, "num_key_value_heads", num_heads),
-        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
-    )
 
 
 def resolve_budgets(config: HeadKVConfig, model: ModelIdentity) -> tuple[Budgets, str]:
@@ -56,7 +45,9 @@ def _tup(rows):
 
 def headkv_from_vllm_config(vllm_config) -> tuple[HeadKVConfig, Budgets, str]:
     config = HeadKVConfig.from_additional_config(vllm_config.additional_config)
-    budgets, origin = resolve_budgets(config, model_identity(vllm_config.model_config))
+    model_config = vllm_config.model_config
+    model = identity_from_hf_config(model_config.hf_text_config, Path(str(model_config.model)).name)
+    budgets, origin = resolve_budgets(config, model)
     return config, budgets, origin
 
 

@@ -49,6 +49,19 @@ class ModelIdentity:
     head_dim: int
 
 
+def identity_from_hf_config(text_config, name: str) -> ModelIdentity:
+    """A model's identity from its Hugging Face text config (an object with config.json's keys as
+    attributes: ``transformers`` config, vLLM's ``hf_text_config``) and the name it is served by."""
+    heads = text_config.num_attention_heads
+    return ModelIdentity(
+        name=name,
+        num_layers=text_config.num_hidden_layers,
+        num_query_heads=heads,
+        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadScores:
     path: Path
@@ -220,8 +233,9 @@ def available_score_files() -> list[str]:
     return sorted(str(p) for p in CONFIG_DIR.glob("*.json"))
 
 
-def find_score_file(model: ModelIdentity, probe: str = "R2") -> Path | None:
-    """The score file in ``configs/`` whose model identity matches, preferring ``probe``."""
+def find_score_file(model: ModelIdentity, probe: str = "R2", other_probes: bool = True) -> Path | None:
+    """The score file in ``configs/`` made for ``model`` (same shape; same name, an ``org/`` prefix
+    aside): one made with ``probe`` if there is one, else (with ``other_probes``) one made with another."""
     matches = []
     for p in sorted(CONFIG_DIR.glob("*.json")):
         try:
@@ -230,6 +244,6 @@ def find_score_file(model: ModelIdentity, probe: str = "R2") -> Path | None:
             continue
         if dataclasses.astuple(s.model)[1:] == dataclasses.astuple(model)[1:] and (
             s.model.name.split("/")[-1] == model.name.split("/")[-1]
-        ):
+        ) and (other_probes or s.probe == probe):
             matches.append((s.probe != probe, p))
     return min(matches)[1] if matches else None

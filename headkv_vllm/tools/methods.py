@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 from pathlib import Path
 
-from headkv_vllm.method.scores import CONFIG_DIR, ModelIdentity, ScoreFileError, load_scores
+from headkv_vllm.method.scores import ModelIdentity, find_score_file, identity_from_hf_config
 
 FULL = "full"
 POLICY_OF = {"snapkv": "snapkv", "pyramidkv": "pyramidkv", "headkv-r": "headkv", "headkv-r2": "headkv"}
@@ -61,24 +62,16 @@ def model_identity(model_dir: str | Path) -> ModelIdentity:
     path = Path(model_dir) / "config.json"
     if not path.exists():
         raise MethodError(f"--model: {path} does not exist; pass a local Hugging Face model folder.")
-    hf = json.loads(path.read_text())
-    heads = hf["num_attention_heads"]
-    return ModelIdentity(name=Path(model_dir).name, num_layers=hf["num_hidden_layers"], num_query_heads=heads,
-                         num_kv_heads=hf.get("num_key_value_heads", heads),
-                         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads)
+    return identity_from_hf_config(types.SimpleNamespace(**json.loads(path.read_text())), Path(model_dir).name)
 
 
 def find_probe_scores(model: ModelIdentity, probe: str) -> Path | None:
-    """The score file in ``configs/`` for ``model`` made with exactly ``probe`` ("R" or "R2")."""
-    for path in sorted(CONFIG_DIR.glob("*.json")):
-        try:
-            scores = load_scores(path)
-        except ScoreFileError:
-            continue
-        same_shape = dataclasses.astuple(scores.model)[1:] == dataclasses.astuple(model)[1:]
-        if same_shape and scores.model.name.split("/")[-1] == model.name and scores.probe == probe:
-            return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
-    return None
+    """The score file in ``configs/`` for ``model`` made with exactly ``probe`` ("R" or "R2"),
+    relative to the working directory when it is below it (as the settings name it)."""
+    path = find_score_file(model, probe, other_probes=False)
+    if path is None:
+        return None
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
 
 
 def build_methods(names: list[str], kv_sizes: list[int], model: ModelIdentity, score_files: dict[str, str | None],

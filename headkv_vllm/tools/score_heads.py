@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from headkv_vllm.tools.probes import NEEDLES, PROBES, PromptBuilder, Trial, depths, grid, is_correct, lengths
-from headkv_vllm.method.scores import CONFIG_DIR, ModelIdentity, ScoreFileError, write_scores
+from headkv_vllm.method.scores import CONFIG_DIR, ScoreFileError, identity_from_hf_config, write_scores
 
 TRIALS_FORMAT = "headkv-score-trials/1"
 LENGTH_MARGIN = 16  # tokens kept free below the model's context besides the answer
@@ -36,18 +36,6 @@ class TrialResult:
     steps: int
     seconds: float
     scores: list[list[float]]  # [layer][query head], summed over the decoding steps
-
-
-def model_identity(config, name: str) -> ModelIdentity:
-    text = config.get_text_config()
-    heads = text.num_attention_heads
-    return ModelIdentity(
-        name=name,
-        num_layers=text.num_hidden_layers,
-        num_query_heads=heads,
-        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-    )
 
 
 def context_limit(config) -> int:
@@ -216,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, device, args.dtype)
-    identity = model_identity(model.config, Path(args.model.rstrip("/")).name)
+    identity = identity_from_hf_config(model.config.get_text_config(), Path(args.model.rstrip("/")).name)
     output = args.output or CONFIG_DIR / f"{identity.name}_{args.probe}.json"
     trials_path = args.trials_file or output.with_name(output.name + ".trials.jsonl")
 
