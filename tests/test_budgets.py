@@ -1,6 +1,7 @@
 import pytest
 
-from headkv_vllm.method.budgets import Budgets, headkv_caps, pyramidkv_caps, snapkv_caps
+from headkv_vllm.method.budgets import Budgets, headkv_caps, policy_budgets, pyramidkv_caps, snapkv_caps
+from headkv_vllm.method.config import HeadKVConfig
 
 
 def skewed(num_layers=4, num_heads=3):
@@ -50,3 +51,17 @@ def test_redistribution_keeps_the_average(prompt_len):
     assert sum(kept) == min(asked, 4 * prompt_len)
     no_redis = [k for row in Budgets(caps, 8, redistribute=False).kept(prompt_len) for k in row]
     assert no_redis == [min(c + 8, prompt_len) for row in caps for c in row]
+
+
+@pytest.mark.parametrize("policy", ["headkv", "snapkv", "pyramidkv"])
+def test_policy_budgets_use_the_policy_caps(policy):
+    config = HeadKVConfig(kv_size=64, policy=policy, beta=1.2, window=4, redistribute=False)
+    budgets = policy_budgets(config, 4, 3, skewed())
+    want = {"headkv": headkv_caps(skewed(), 64, 4, 1.2), "snapkv": snapkv_caps(4, 3, 64, 4),
+            "pyramidkv": pyramidkv_caps(4, 3, 64, 4)}[policy]
+    assert budgets == Budgets(tuple(map(tuple, want)), 4, False)
+
+
+def test_headkv_budgets_need_scores():
+    with pytest.raises(ValueError, match="'headkv' needs head scores"):
+        policy_budgets(HeadKVConfig(), 4, 3)

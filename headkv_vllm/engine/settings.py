@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from headkv_vllm.method.budgets import Budgets, headkv_caps, pyramidkv_caps, snapkv_caps
+from headkv_vllm.method.budgets import POLICIES, Budgets, policy_budgets
 from headkv_vllm.method.config import CONFIG_KEY, HeadKVConfig, HeadKVConfigError
 from headkv_vllm.method.scores import (ModelIdentity, ScoreFileError, available_score_files, find_score_file,
                                        identity_from_hf_config, load_scores)
@@ -16,11 +16,8 @@ DEFAULT_BLOCK_SIZE = 16  # partially filled last pages cost ~1-4% at an average 
 
 def resolve_budgets(config: HeadKVConfig, model: ModelIdentity) -> tuple[Budgets, str]:
     """The budget table for ``model`` and a description of where it came from."""
-    L, H = model.num_layers, model.num_kv_heads
-    if config.policy == "snapkv":
-        return Budgets(_tup(snapkv_caps(L, H, config.kv_size, config.window)), config.window, config.redistribute), "uniform"
-    if config.policy == "pyramidkv":
-        return Budgets(_tup(pyramidkv_caps(L, H, config.kv_size, config.window)), config.window, config.redistribute), "linear in depth"
+    if config.policy != "headkv":
+        return policy_budgets(config, model.num_layers, model.num_kv_heads), POLICIES[config.policy]
     path = config.scores or find_score_file(model)
     if path is None:
         raise HeadKVConfigError(
@@ -35,12 +32,8 @@ def resolve_budgets(config: HeadKVConfig, model: ModelIdentity) -> tuple[Budgets
         scores.check_model(model)
     except ScoreFileError as e:
         raise HeadKVConfigError(f"{config.source} key '{CONFIG_KEY}' setting 'scores': {e}") from None
-    caps = headkv_caps([list(r) for r in scores.kv_head_scores], config.kv_size, config.window, config.beta)
-    return Budgets(_tup(caps), config.window, config.redistribute), f"scores {path} (probe {scores.probe})"
-
-
-def _tup(rows):
-    return tuple(tuple(int(c) for c in r) for r in rows)
+    budgets = policy_budgets(config, model.num_layers, model.num_kv_heads, scores.kv_head_scores)
+    return budgets, f"scores {path} (probe {scores.probe})"
 
 
 def headkv_from_vllm_config(vllm_config) -> tuple[HeadKVConfig, Budgets, str]:

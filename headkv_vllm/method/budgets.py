@@ -16,7 +16,11 @@ import dataclasses
 import math
 from functools import lru_cache
 
-POLICIES = ("headkv", "snapkv", "pyramidkv")
+POLICIES = {  # name -> how its budgets are spread over the heads
+    "headkv": "per-head budgets from head scores",
+    "snapkv": "uniform",
+    "pyramidkv": "linear in depth",
+}
 PYRAMID_MIN_RATIO = 20  # PyramidKV's default: the top layer keeps b / 20 chosen tokens
 
 
@@ -42,6 +46,20 @@ def pyramidkv_caps(num_layers: int, num_heads: int, kv_size: int, window: int) -
     high = 2 * b - low
     step = (high - low) / max(1, num_layers - 1)
     return [[round(high - layer * step)] * num_heads for layer in range(num_layers)]
+
+
+def policy_budgets(config, num_layers: int, num_heads: int, scores=None) -> "Budgets":
+    """The budgets of ``config`` (a ``HeadKVConfig``: policy, kv_size, window, beta, redistribute)
+    for ``num_layers`` x ``num_heads`` heads; the 'headkv' policy splits them by ``scores`` ([layer][head])."""
+    if config.policy == "snapkv":
+        caps = snapkv_caps(num_layers, num_heads, config.kv_size, config.window)
+    elif config.policy == "pyramidkv":
+        caps = pyramidkv_caps(num_layers, num_heads, config.kv_size, config.window)
+    elif scores is None:
+        raise ValueError(f"policy {config.policy!r} needs head scores.")
+    else:
+        caps = headkv_caps([list(r) for r in scores], config.kv_size, config.window, config.beta)
+    return Budgets(tuple(tuple(int(c) for c in r) for r in caps), config.window, config.redistribute)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,13 +1,12 @@
 """``headkv-vllm budgets``: the per-head budget table a score file yields.
 
-Per KV head the table comes from ``engine_setup.resolve_budgets``, the call the
+Per KV head the table comes from ``engine.settings.resolve_budgets``, the call the
 engine makes at start-up; per query head it is the same allocation
-(``budgets.headkv_caps`` / ``snapkv_caps`` / ``pyramidkv_caps``) applied to the
-file's query-head scores, which is what the authors' code serves. The numbers are
-prefix tokens chosen per head (docs/headkv-method.md section 2: ``cap``, window
-not included); with ``--prompt-len`` they are what a prompt of that length keeps,
-with the excess of caps above the prompt given to other heads or not
-(``--no-redistribute``).
+(``budgets.policy_budgets``) applied to the file's query-head scores, which is
+what the authors' code serves. The numbers are prefix tokens chosen per head
+(docs/headkv-method.md section 2: ``cap``, window not included); with
+``--prompt-len`` they are what a prompt of that length keeps, with the excess of
+caps above the prompt given to other heads or not (``--no-redistribute``).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from headkv_vllm.method.budgets import POLICIES, Budgets, headkv_caps, pyramidkv_caps, snapkv_caps
+from headkv_vllm.method.budgets import POLICIES, Budgets, policy_budgets
 from headkv_vllm.method.config import HeadKVConfig, HeadKVConfigError
 from headkv_vllm.engine.settings import resolve_budgets
 from headkv_vllm.method.scores import HeadScores, ScoreFileError, load_scores
@@ -27,19 +26,12 @@ PER = ("kv-head", "query-head")
 def table_budgets(scores: HeadScores, config: HeadKVConfig, per: str) -> Budgets:
     if per == "kv-head":
         return resolve_budgets(config, scores.model)[0]
-    num_layers, num_heads = scores.model.num_layers, scores.model.num_query_heads
-    if config.policy == "snapkv":
-        caps = snapkv_caps(num_layers, num_heads, config.kv_size, config.window)
-    elif config.policy == "pyramidkv":
-        caps = pyramidkv_caps(num_layers, num_heads, config.kv_size, config.window)
-    elif scores.query_head_scores is None:
+    if config.policy == "headkv" and scores.query_head_scores is None:
         raise ScoreFileError(
             f"{scores.path}: key 'query_head_scores' is missing, so there is no per-query-head table. "
             f"Use --per kv-head, or rewrite the file with `headkv-vllm score-heads` / `import-scores`."
         )
-    else:
-        caps = headkv_caps([list(r) for r in scores.query_head_scores], config.kv_size, config.window, config.beta)
-    return Budgets(tuple(tuple(r) for r in caps), config.window, config.redistribute)
+    return policy_budgets(config, scores.model.num_layers, scores.model.num_query_heads, scores.query_head_scores)
 
 
 def prefix_tokens(budgets: Budgets, prompt_len: int | None) -> list[list[int]]:
