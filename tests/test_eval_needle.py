@@ -9,8 +9,9 @@ import pytest
 
 from conftest import ROOT
 from headkv_vllm.tools.eval_needle import FORMAT, earlier_cells, parse_args, summarize
-from headkv_vllm.tools.eval_needles import NEEDLES, Needle
-from headkv_vllm.tools.needle_prompts import chat_options, contains_answer, rouge1_recall, score
+from headkv_vllm.tools.eval_needles import NEEDLES
+from headkv_vllm.tools.needle import rouge1_recall
+from headkv_vllm.tools.needle_prompts import chat_options, contains_answer, score
 
 REASONING = next(n for n in NEEDLES if n.kind == "reasoning")
 

@@ -9,6 +9,7 @@ import torch
 
 from headkv_vllm.tools.attention_credit import reasoning_credit, retrieval_credit
 from headkv_vllm.tools.haystack import haystack_text
+from headkv_vllm.tools.needle import rouge1_recall
 from headkv_vllm.tools.probes import (
     NEEDLES,
     PromptBuilder,
@@ -18,9 +19,8 @@ from headkv_vllm.tools.probes import (
     is_correct,
     lengths,
     qa_f1,
-    rouge1_recall,
 )
-from headkv_vllm.tools.score_heads import ProbeRunner, mean_of_correct
+from headkv_vllm.tools.score_heads import ProbeRunner, mean_of_correct, needle_header
 from headkv_vllm.tools.score_heads import main as score_heads
 from headkv_vllm.method.scores import ModelIdentity, ScoreFileError, identity_from_hf_config, load_scores, write_scores
 
@@ -65,6 +65,13 @@ def test_answer_checks():
     assert is_correct("R2", r2, " tennis.") and qa_f1("the tennis", "tennis") == 1.0
     assert not is_correct("R2", r2, " rowing.")  # the distractor
     assert not is_correct("R2", r2, " probably the sport of the younger person")
+
+
+def test_trials_header_names_the_target_and_distractor_sentences():
+    assert [(h["target"], h["distractor"]) for h in map(needle_header, NEEDLES["R2"])] == [(2, 3), (3, 2)]
+    assert needle_header(NEEDLES["R"][0]) == {
+        "sentences": NEEDLES["R"][0].sentences, "question": NEEDLES["R"][0].question, "answer": "smoked paprika",
+        "target": None, "distractor": None, "answer_prefix": ""}
 
 
 def test_mean_over_correct_trials_only():

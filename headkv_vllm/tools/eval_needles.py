@@ -16,39 +16,24 @@ depths; without that, "% of full cache" would measure noise.
 
 from __future__ import annotations
 
-import dataclasses
-
-
-@dataclasses.dataclass(frozen=True)
-class Needle:
-    name: str
-    kind: str  # "retrieval" | "reasoning"
-    text: str  # inserted into the haystack as is
-    question: str
-    answer: str  # the words a correct answer contains
-    distractor: str | None = None  # the other person's attribute: naming it is wrong
-    answer_prefix: str = ""  # the assistant's answer starts with this; the model continues it
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
+from headkv_vllm.tools.needle import Needle
 
 NEEDLES = (
-    Needle("ship-name", "retrieval", "Captain Mirabel's ship is named the Silver Heron.",
+    Needle("ship-name", "retrieval", ("Captain Mirabel's ship is named the Silver Heron.",),
            "What is Captain Mirabel's ship named?", "Silver Heron"),
-    Needle("village-jam", "retrieval", "The village of Ashcombe is famous for its blueberry jam.",
+    Needle("village-jam", "retrieval", ("The village of Ashcombe is famous for its blueberry jam.",),
            "What is the village of Ashcombe famous for?", "blueberry jam"),
-    Needle("museum-violin", "retrieval", "The museum in Brackenfield displays a golden violin.",
+    Needle("museum-violin", "retrieval", ("The museum in Brackenfield displays a golden violin.",),
            "What does the museum in Brackenfield display?", "golden violin"),
-    Needle("vault-code", "retrieval", "The secret code for the blue vault is 4729.",
+    Needle("vault-code", "retrieval", ("The secret code for the blue vault is 4729.",),
            "What is the secret code for the blue vault?", "4729"),
     Needle("instrument-by-year", "reasoning",
-           "Clara was born in 1985 and David was born in 1992. Clara plays the cello and David plays the flute.",
+           ("Clara was born in 1985 and David was born in 1992.", "Clara plays the cello and David plays the flute."),
            "Which instrument does the person born in 1985 play?", "cello", distractor="flute",
            answer_prefix="The person born in 1985 plays the"),
     Needle("roof-of-taller-tower", "reasoning",
-           "The northern tower is taller than the southern tower. The northern tower has a copper roof. "
-           "The southern tower has a slate roof.",
+           ("The northern tower is taller than the southern tower.", "The northern tower has a copper roof.",
+            "The southern tower has a slate roof."),
            "What kind of roof does the taller tower have?", "copper", distractor="slate",
            answer_prefix="The taller tower has a"),
 )

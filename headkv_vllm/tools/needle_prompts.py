@@ -8,11 +8,8 @@ tokens: the document is decoded and re-tokenised by the server).
 
 from __future__ import annotations
 
-import re
-from collections import Counter
-
-from headkv_vllm.tools.eval_needles import Needle
 from headkv_vllm.tools.haystack import haystack_text
+from headkv_vllm.tools.needle import Needle, rouge1_recall, words
 
 USER_TEMPLATE = ("Read the document and answer the question: {question}\n\nDocument:\n{document}\n\n"
                  "Question: {question}\nAnswer in one short sentence.")
@@ -59,24 +56,13 @@ def chat_options(needle: Needle) -> dict:
     return {"add_generation_prompt": True}
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
 def contains_answer(response: str, needle: Needle) -> bool:
     """The answer appears in the response (case- and spacing-insensitive) and, for a
     needle with a distractor, the distractor does not."""
-    said = " ".join(_words(response))
-    found = f" {' '.join(_words(needle.answer))} " in f" {said} "
-    fooled = needle.distractor is not None and f" {' '.join(_words(needle.distractor))} " in f" {said} "
+    said = " ".join(words(response))
+    found = f" {' '.join(words(needle.answer))} " in f" {said} "
+    fooled = needle.distractor is not None and f" {' '.join(words(needle.distractor))} " in f" {said} "
     return found and not fooled
-
-
-def rouge1_recall(response: str, reference: str) -> float:
-    """Share of the reference's words (with multiplicity) that the response contains."""
-    ref, got = Counter(_words(reference)), Counter(_words(response))
-    total = sum(ref.values())
-    return sum(min(n, got[w]) for w, n in ref.items()) / total if total else 0.0
 
 
 def score(response: str, needle: Needle) -> dict:

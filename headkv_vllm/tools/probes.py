@@ -24,36 +24,27 @@ import dataclasses
 import re
 import string
 
+from headkv_vllm.tools.needle import Needle, rouge1_recall
+
 PROBES = ("R", "R2")
 MIN_CORRECT = 0.5  # both rules: recall (R) or F1 (R2) must exceed this
 
 
-@dataclasses.dataclass(frozen=True)
-class Needle:
-    sentences: tuple[str, ...]  # inserted together, in this order
-    question: str
-    answer: str  # the words a correct answer must contain (R: most of them)
-    target: int | None = None  # R2: index of the sentence that answers (c2); R: the whole needle
-    distractor: int | None = None  # R2: index of the other person's sentence (c1)
-    answer_prefix: str = ""  # R2: the start of the answer, given in the prompt
-
-    @property
-    def text(self) -> str:
-        return " ".join(self.sentences)
-
-
 R_NEEDLES = (
     Needle(
+        "soup-ingredient", "retrieval",
         ("The secret ingredient in Grandma Rosa's soup is a spoonful of smoked paprika.",),
         "What is the secret ingredient in Grandma Rosa's soup?",
         "smoked paprika",
     ),
     Needle(
+        "valley-visit", "retrieval",
         ("The best time to visit the Kestrel Valley is early October, when the maple trees turn red.",),
         "When is the best time to visit the Kestrel Valley?",
         "early October",
     ),
     Needle(
+        "lighthouse-pet", "retrieval",
         ("The lighthouse keeper on Marrow Island keeps a green parrot named Captain Biscuit.",),
         "What pet does the lighthouse keeper on Marrow Island keep?",
         "green parrot named Captain Biscuit",
@@ -62,19 +53,21 @@ R_NEEDLES = (
 
 R2_NEEDLES = (  # the answer is the first person's in one, the second person's in the other
     Needle(
+        "sport-of-younger", "reasoning",
         ("Daniel is 19 years old.", "Grace is 24 years old.", "Daniel's favorite sport is tennis.", "Grace's favorite sport is rowing."),
         "What is the favorite sport of the younger person?",
         "tennis",
+        distractor="rowing",
         target=2,
-        distractor=3,
         answer_prefix="The favorite sport of the younger person is",
     ),
     Needle(
+        "flower-of-older", "reasoning",
         ("Oliver is 45 years old.", "Sophie is 52 years old.", "Oliver's favorite flower is the tulip.", "Sophie's favorite flower is the lily."),
         "What is the favorite flower of the older person?",
         "lily",
+        distractor="tulip",
         target=3,
-        distractor=2,
         answer_prefix="The favorite flower of the older person is",
     ),
 )
@@ -175,18 +168,6 @@ class PromptBuilder:
         if want >= room:
             return room
         return self.sentence_starts[bisect.bisect_right(self.sentence_starts, want) - 1]
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def rouge1_recall(answer: str, reference: str) -> float:
-    ref = collections.Counter(words(reference))
-    if not ref:
-        return 0.0
-    overlap = collections.Counter(words(answer)) & ref
-    return sum(overlap.values()) / sum(ref.values())
 
 
 PUNCTUATION = set(string.punctuation)

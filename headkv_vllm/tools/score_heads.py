@@ -22,6 +22,7 @@ import shlex
 import time
 from pathlib import Path
 
+from headkv_vllm.tools.needle import Needle
 from headkv_vllm.tools.probes import NEEDLES, PROBES, PromptBuilder, Trial, depths, grid, is_correct, lengths
 from headkv_vllm.method.scores import CONFIG_DIR, ScoreFileError, identity_from_hf_config, write_scores
 
@@ -110,6 +111,14 @@ def _eager_attention(model):
     finally:
         if before != "eager":
             model.set_attn_implementation(before)
+
+
+def needle_header(needle: Needle) -> dict:
+    """A needle as a trials file's header names it (a file resumes only if its header matches):
+    its sentences, question, answer, answer prefix and the indices of its target and distractor sentences."""
+    distractor = next((i for i, s in enumerate(needle.sentences) if needle.distractor and needle.distractor in s), None)
+    return {"sentences": needle.sentences, "question": needle.question, "answer": needle.answer,
+            "target": needle.target, "distractor": distractor, "answer_prefix": needle.answer_prefix}
 
 
 class TrialsFile:
@@ -215,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--min-length {args.min_length} exceeds the longest usable context {max_length}.")
     plan = grid(args.probe, lengths(args.min_length, max_length, args.num_lengths), depths(args.num_depths))
 
-    needles = [dataclasses.asdict(n) for n in NEEDLES[args.probe]]
+    needles = [needle_header(n) for n in NEEDLES[args.probe]]
     log = TrialsFile(trials_path, {"model": dataclasses.asdict(identity), "probe": args.probe, "needles": needles})
     todo = [t for t in plan if t.key not in log.records]
     if args.limit is not None:
