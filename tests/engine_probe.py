@@ -7,7 +7,8 @@ result (printed as ``ENGINE_PROBE_RESULT {json}``):
   {"num_blocks": int, "free_at_start": int, "free_at_end": int, "block_size": int,
    "steps": [{"running": int, "waiting": int, "free": int,
               "requests": [{"id", "prompt_len", "computed", "pages": [per group]}]}],
-   "preemptions": int, "token_ids": {request id: [...]}}
+   "preemptions": int, "token_ids": {request id: [...]},
+   "plan_builds": [per step: step plans HEADKV's worker built in the step] (HEADKV only)}
 """
 
 import json
@@ -28,6 +29,9 @@ def main() -> None:
     pool = kv.block_pool
     managers = kv.coordinator.single_type_managers
     free_at_start = pool.get_num_free_blocks()
+    worker = engine.engine_core.engine_core.model_executor.driver_worker.worker
+    planner = getattr(worker, "step_planner", None)
+    plan_builds = []
 
     params = SamplingParams(**spec["sampling"])
     for i, prompt in enumerate(spec["prompts"]):
@@ -35,11 +39,14 @@ def main() -> None:
 
     steps, token_ids, preempted = [], {}, {}
     while engine.has_unfinished_requests():
+        builds_before = planner.builds if planner else 0
         for out in engine.step():
             if out.finished:
                 token_ids[out.request_id] = list(out.outputs[0].token_ids)
         for req in scheduler.running:
             preempted[req.request_id] = req.num_preemptions
+        if planner:
+            plan_builds.append(planner.builds - builds_before)
         steps.append({
             "running": len(scheduler.running),
             "waiting": len(scheduler.waiting),
@@ -63,6 +70,8 @@ def main() -> None:
         "preemptions": sum(preempted.values()),
         "token_ids": token_ids,
     }
+    if planner:
+        result["plan_builds"] = plan_builds
     print("ENGINE_PROBE_RESULT " + json.dumps(result), flush=True)
 
 

@@ -38,6 +38,14 @@ def check_pages_every_step(result: dict, budgets) -> int:
     return checked
 
 
+def check_one_plan_per_step(result: dict) -> None:
+    """The worker builds one step plan per engine step for all 30 layers (each layer
+    is its own KV-cache group, so a plan per layer would count 30)."""
+    builds = result["plan_builds"]
+    assert len(builds) == len(result["steps"])
+    assert all(b == 1 for b, step in zip(builds, result["steps"]) if step["running"]), builds
+
+
 def peak_decoding(result: dict) -> int:
     return max(sum(r["computed"] >= r["prompt_len"] for r in s["requests"]) for s in result["steps"])
 
@@ -68,6 +76,7 @@ def test_ten_times_more_long_requests_decode_at_the_same_cache_size(model_dir, h
 
     budgets, _ = resolve_budgets(HeadKVConfig.from_mapping(cfg), SMOL)
     check_pages_every_step(headkv, budgets)
+    check_one_plan_per_step(headkv)
     for result in (stock, headkv):
         assert result["free_at_end"] == result["free_at_start"]
 
@@ -97,5 +106,6 @@ def test_preemption_and_small_token_budget_keep_outputs(model_dir, haystack_ids,
     })
     assert small["preemptions"] > 0
     check_pages_every_step(small, budgets)
+    check_one_plan_per_step(small)
     assert small["free_at_end"] == small["free_at_start"]
     assert [small["token_ids"][str(i)] for i in range(len(prompts))] == full["token_ids"]

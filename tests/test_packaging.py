@@ -35,3 +35,16 @@ def test_no_weights_or_reference_data_committed():
 def test_console_script_lists_commands():
     out = subprocess.run([str(Path(sys.executable).with_name("headkv-vllm")), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "prepare-model" in out.stdout
+
+
+def test_compute_core_and_method_run_without_vllm():
+    """core/ (plan, page store, attention) and method/ import torch and the kernels only."""
+    code = (
+        "import sys; sys.modules['vllm'] = None\n"  # any `import vllm...` now fails
+        "import headkv_vllm.core.attention, headkv_vllm.core.page_store, headkv_vllm.core.plan\n"
+        "import headkv_vllm.method.budgets, headkv_vllm.method.config, headkv_vllm.method.layout, "
+        "headkv_vllm.method.scores\n"
+        "assert not [m for m in sys.modules if m.startswith('vllm.')]\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr

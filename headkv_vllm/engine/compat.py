@@ -166,7 +166,8 @@ from vllm.v1.attention.backend import MultipleOf  # noqa: E402
 __all__ += [
     "extract_layer_index", "cdiv", "SingleTypeKVCacheManager", "AttentionSpec",
     "FullAttentionSpec", "KVCacheLayout", "MultipleOf", "register_kv_cache_spec",
-    "platform_worker_cls", "metadata_builders", "num_prompt_tokens",
+    "platform_worker_cls", "metadata_builders", "num_prompt_tokens", "request_ids", "seq_lens_cpu",
+    "head_kv_group_layers",
 ]
 
 
@@ -196,6 +197,26 @@ def num_prompt_tokens(model_runner, num_reqs: int):
     return model_runner.input_batch.num_prompt_tokens_cpu_tensor[:num_reqs]
 
 
+def request_ids(model_runner) -> list[str]:
+    """Ids of the requests in the persistent batch, in batch order."""
+    return model_runner.input_batch.req_ids
+
+
+def seq_lens_cpu(cm: CommonAttentionMetadata) -> torch.Tensor:
+    """Host copy of ``seq_lens``: vLLM's upper bound is exact without speculative
+    decoding (off under HeadKV); the device copy is read only if it is missing."""
+    if cm.seq_lens_cpu_upper_bound is not None:
+        return cm.seq_lens_cpu_upper_bound
+    return cm.seq_lens.cpu()
+
+
+def head_kv_group_layers(model_runner) -> list[tuple[int, int]]:
+    """(KV-cache group id, layer index) of every HeadKV group."""
+    groups = model_runner.kv_cache_config.kv_cache_groups
+    return [(i, g.kv_cache_spec.layer_index) for i, g in enumerate(groups)
+            if hasattr(g.kv_cache_spec, "layer_index")]
+
+
 def kv_cache_group_sizes(kv_cache_config) -> list[int]:
     return [len(g.layer_names) for g in kv_cache_config.kv_cache_groups]
 
@@ -222,7 +243,8 @@ def block_table_row_counts(model_runner, group_id: int):
 from vllm import _custom_ops as _ops  # noqa: E402
 from vllm import envs as _envs  # noqa: E402
 
-__all__ += ["cpu_attention_isa", "cpu_store_tokens", "cpu_attention_schedule", "cpu_head_attention"]
+__all__ += ["cpu_attention_isa", "cpu_store_tokens", "cpu_attention_schedule", "cpu_head_attention",
+            "flash_prefill_attention"]
 
 
 def cpu_attention_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str:
@@ -266,3 +288,137 @@ def cpu_head_attention(query: torch.Tensor, pages: torch.Tensor, output: torch.T
         query_start_loc=query_start_loc, seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None,
         sliding_window=-1, block_table=block_tables, softcap=0.0, scheduler_metadata=schedule, s_aux=None,
     )
+
+
+# ---------------------------------------------------------------------------
+# 7. vLLM's real scheduler without a model (``headkv-vllm sched-sim``).
+#    Why: the scheduler-side cost of head pages (a block pool hundreds of times
+#    larger than stock, one KV-cache group per layer) is measured on vLLM's own
+#    ``Scheduler`` / ``KVCacheManager`` / ``BlockPool``, built the way
+#    ``EngineCore`` builds them (``get_kv_cache_configs`` from per-layer specs and
+#    a byte budget, then ``Scheduler``), and stepped with fake model outputs, as
+#    vLLM's own scheduler tests do. Imports are lazy so that engine processes do
+#    not pay for them.
+#    Remove when: never needed by the engine; update when these signatures change.
+# ---------------------------------------------------------------------------
+
+__all__ += [
+    "engine_config", "scheduler_kv_cache_config", "build_scheduler", "request_block_hasher",
+    "make_request", "model_runner_output", "freeze_gc_heap", "num_free_blocks", "finish_all_requests",
+    "resolve_obj_by_qualname",
+]
+
+
+def engine_config(**engine_args) -> VllmConfig:
+    """``EngineArgs(**engine_args).create_engine_config()`` (platform and plugin hooks run)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(**engine_args).create_engine_config()
+
+
+def scheduler_kv_cache_config(vllm_config: VllmConfig, layer_specs: dict, kv_cache_bytes: int,
+                              backend_cls: type[AttentionBackend]):
+    """The scheduler's ``KVCacheConfig`` for one worker with ``kv_cache_bytes`` of KV cache,
+    as ``EngineCore._initialize_kv_caches`` makes it (the KV-cache layout resolved from
+    ``backend_cls``'s supported layouts); sets ``cache_config.num_gpu_blocks``."""
+    from vllm.v1.attention.backends.utils import get_supported_kv_cache_layouts, resolve_kv_cache_layout
+    from vllm.v1.core.kv_cache_utils import generate_scheduler_kv_cache_config, get_kv_cache_configs
+
+    layouts = [layout.name for layout in get_supported_kv_cache_layouts([backend_cls])]
+    resolve_kv_cache_layout(vllm_config, [layouts], list(layer_specs.values()))
+    configs = get_kv_cache_configs(vllm_config, [layer_specs], [kv_cache_bytes])
+    config = generate_scheduler_kv_cache_config(configs)
+    vllm_config.cache_config.num_gpu_blocks = config.num_blocks
+    return config
+
+
+def build_scheduler(vllm_config: VllmConfig, kv_cache_config):
+    """vLLM's V1 ``Scheduler`` (with its ``KVCacheManager`` and ``BlockPool``), as ``EngineCore`` builds it."""
+    from vllm.v1.core.kv_cache_utils import resolve_kv_cache_block_sizes
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    block_size, hash_block_size = resolve_kv_cache_block_sizes(kv_cache_config, vllm_config)
+    return Scheduler(
+        vllm_config=vllm_config, kv_cache_config=kv_cache_config,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=block_size, hash_block_size=hash_block_size, log_stats=False,
+    )
+
+
+def request_block_hasher(vllm_config: VllmConfig, scheduler):
+    """The prefix-caching block hasher ``EngineCore`` gives requests, or None when caching is off."""
+    if not vllm_config.cache_config.enable_prefix_caching:
+        return None
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+    hash_fn = get_hash_fn_by_name(vllm_config.cache_config.prefix_caching_hash_algo)
+    init_none_hash(hash_fn)
+    return get_request_block_hasher(scheduler.hash_block_size, hash_fn)
+
+
+def make_request(request_id: str, prompt_token_ids: list[int], max_tokens: int, block_hasher=None):
+    """An engine-core ``Request``: greedy, EOS ignored, exactly ``max_tokens`` generated."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+    return Request(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
+                   pooling_params=None, block_hasher=block_hasher)
+
+
+def model_runner_output(req_ids: list[str], sampled_token_ids: list[list[int]]):
+    """What a model runner returns for one step: one list of sampled tokens per request."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    return ModelRunnerOutput(req_ids=list(req_ids), req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                             sampled_token_ids=sampled_token_ids)
+
+
+def freeze_gc_heap() -> None:
+    """What ``EngineCore`` does after start-up: move the heap to the oldest generation and freeze it."""
+    from vllm.utils.gc_utils import freeze_gc_heap as _freeze
+
+    _freeze()
+
+
+def num_free_blocks(scheduler) -> int:
+    return scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+def finish_all_requests(scheduler) -> None:
+    """Abort every request (as a client disconnect does); their blocks go back to the pool."""
+    from vllm.v1.request import RequestStatus
+
+    scheduler.finish_requests(None, RequestStatus.FINISHED_ABORTED)
+
+
+# ---------------------------------------------------------------------------
+# 7. vLLM's variable-length flash attention (``v1/attention/backends/fa_utils``)
+#    for HeadKV's prefill attention on CUDA: one call for all prompts of a step.
+#    Why: SDPA would run one call per prompt, and its fp32 path is O(n^2) in memory.
+#    Remove when: the signature changes (it follows vLLM's FlashAttention backend).
+# ---------------------------------------------------------------------------
+
+
+def flash_prefill_attention(dtype: torch.dtype, head_size: int):
+    """A ``core.attention.PrefillAttention`` over vLLM's flash attention, or None where
+    it is not available (CPU, fp32, no flash build)."""
+    if not current_platform.is_cuda() or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    from vllm.v1.attention.backends import fa_utils
+
+    if not fa_utils.is_flash_attn_varlen_func_available():
+        return None
+    version = fa_utils.get_flash_attn_version(head_size=head_size)
+    extra = {} if version is None else {"fa_version": version}
+
+    def attend(q, k, v, plan, scale):
+        return fa_utils.flash_attn_varlen_func(
+            q, k, v, max_seqlen_q=plan.prefill_max_len, cu_seqlens_q=plan.prefill_cu_seqlens,
+            max_seqlen_k=plan.prefill_max_len, cu_seqlens_k=plan.prefill_cu_seqlens,
+            softmax_scale=scale, causal=True, **extra,
+        )
+
+    return attend

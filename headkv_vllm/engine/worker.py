@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from headkv_vllm.engine.settings import headkv_from_vllm_config
 from headkv_vllm.engine.kv_spec import to_head_specs
+from headkv_vllm.engine.step_planner import StepPlanner
 from headkv_vllm.engine.compat import (
     kv_cache_group_sizes,
     kv_cache_tensor_offsets,
@@ -26,16 +27,22 @@ class HeadKVWorker(platform_worker_cls()):
         if kv_cache_tensor_offsets(kv_cache_config) != {0}:
             raise RuntimeError("HeadKV needs every layer's pages to alias one pool (all tensors at offset 0).")
         super().initialize_from_config(kv_cache_config)
-        from headkv_vllm.engine.backend import HeadKVMetadataBuilder
+        from headkv_vllm.engine.backend import HeadKVMetadataBuilder, choose_page_store
 
-        for builder in metadata_builders(self.model_runner):
-            if isinstance(builder, HeadKVMetadataBuilder):
-                builder.bind_runner(self.model_runner)
+        # One plan per step and one page store for all layers' builders.
+        builders = [b for b in metadata_builders(self.model_runner) if isinstance(b, HeadKVMetadataBuilder)]
+        first = builders[0]
+        self.step_planner = StepPlanner(self._budgets, self.cache_config.block_size, first.device)
+        self.step_planner.bind_runner(self.model_runner)
+        store = choose_page_store(self.vllm_config, first.kv_cache_spec, first.device)
+        for builder in builders:
+            builder.bind(self.step_planner, store)
         c, s = self._headkv_config, self._budgets.summary()
         logger.info(
             "HeadKV: policy=%s kv_size=%d window=%d budgets per KV head (window included) "
-            "min/mean/max=%d/%.1f/%d from %s; pool=%d head pages of %d tokens (%d layers x %d KV heads).",
+            "min/mean/max=%d/%.1f/%d from %s; pool=%d head pages of %d tokens (%d layers x %d KV heads); "
+            "page store %s.",
             c.policy, c.kv_size, c.window, s["min"], s["mean"], s["max"], self._budget_origin,
             kv_cache_config.num_blocks, self.cache_config.block_size, self._budgets.num_layers,
-            self._budgets.num_kv_heads,
+            self._budgets.num_kv_heads, type(store).__name__,
         )

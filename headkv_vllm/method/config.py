@@ -14,6 +14,7 @@ import typing
 from typing import Any, Mapping
 
 CONFIG_KEY = "headkv"
+PAGE_STORES = ("auto", "block-table")
 
 
 class HeadKVConfigError(ValueError):
@@ -33,6 +34,9 @@ class HeadKVConfig:
     window:       observation window: the last prompt queries that score, always kept
     pool_kernel:  max-pool kernel over the window scores (odd)
     redistribute: give the budget that a short prompt cannot use to the other heads
+    page_store:   'auto' (block-table ops on CUDA, vLLM's CPU ops on the CPU) or
+                  'block-table' (the CUDA route everywhere; on CPU tensors its ops are
+                  the kernels' PyTorch references: for tests)
     """
 
     kv_size: int = 128
@@ -42,6 +46,7 @@ class HeadKVConfig:
     window: int = 8
     pool_kernel: int = 7
     redistribute: bool = True
+    page_store: str = "auto"
     source: str = dataclasses.field(default="--additional-config", compare=False, repr=False)
 
     def __post_init__(self):
@@ -61,6 +66,9 @@ class HeadKVConfig:
             raise HeadKVConfigError(f"{where}: setting 'beta' must be > 1 (e.g. 1.01, 1.2, 2), got {self.beta}.")
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise HeadKVConfigError(f"{where}: setting 'pool_kernel' must be odd and >= 1, got {self.pool_kernel}.")
+        if self.page_store not in PAGE_STORES:
+            raise HeadKVConfigError(
+                f"{where}: setting 'page_store' is {self.page_store!r}; use one of {', '.join(PAGE_STORES)}.")
 
     @classmethod
     def known_keys(cls) -> list[str]:

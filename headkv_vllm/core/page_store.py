@@ -1,0 +1,111 @@
+"""Page stores: how tokens are written into head pages and how queries attend over
+them (docs/kv_layout.md). One store is chosen when the engine starts:
+
+- ``BlockTablePageStore`` (here): the CUDA route. Every op reads the layer's
+  block-table rows and the plan's ``kept``/``lengths`` on the device and finds
+  each head's pages itself (``kernels/head_page_rows``), so a layer costs kernel
+  launches only: no host work, no host-device sync. With CUDA tensors the ops are
+  the Triton kernels; with CPU tensors they are the kernels' PyTorch references of
+  the same signature, or, with ``use_triton=True`` under ``TRITON_INTERPRET=1``,
+  the Triton kernels in Triton's interpreter.
+- ``headkv_vllm.engine.cpu_page_store.CpuPageStore``: the CPU route, over vLLM's
+  CPU cache and attention ops (their K packing is ISA-specific, so pages written
+  by one store are read only by the same store).
+
+A store's ``layer_state`` runs in the metadata builder, once per layer per step;
+the other methods run in the layer's forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from headkv_vllm.core.plan import PrefillPlan, StepPlan
+from headkv_vllm.kernels import append_decode_kv as _append
+from headkv_vllm.kernels import paged_decode_block_table as _decode
+from headkv_vllm.kernels import select_store as _select
+from headkv_vllm.kernels.head_page_rows import head_page_slots
+
+
+class PageStore(Protocol):
+    def layer_state(self, plan: StepPlan, layer: int, block_table: torch.Tensor) -> object:
+        """Whatever the store needs per layer and step (built by the metadata builder)."""
+
+    def store_prefill(self, state, pf: PrefillPlan, scores: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      pages: torch.Tensor) -> None:
+        """Keep each head's top prefix tokens by ``scores`` ``[Hkv, P]`` plus the window and any
+        recomputed generated tokens: ``k``/``v`` ``[T, Hkv, d]`` are the request's step tokens."""
+
+    def append_decode(self, state, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor) -> None:
+        """Append the decode tokens' ``k``/``v`` ``[D, Hkv, d]`` to every head."""
+
+    def attend_decode(self, state, q: torch.Tensor, pages: torch.Tensor, scale: float) -> torch.Tensor:
+        """``q`` ``[D, Hq, d]`` over each decode's head pages -> ``[D, Hq, d]``."""
+
+    def attend_recomputed(self, state, pf: PrefillPlan, q: torch.Tensor, pages: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+        """The generated tokens of a recomputed request, ``q`` ``[g, Hq, d]``: token j sees the
+        compressed prompt and the generated tokens up to itself, as when first decoded."""
+
+
+@dataclass(frozen=True)
+class BlockTableLayer:
+    block_table: torch.Tensor  # [R, W] int32 the layer's block-table rows
+    kept: torch.Tensor  # [R, Hkv] int32 plan.kept[layer]
+    lengths: torch.Tensor  # [R, Hkv] int32 plan.lengths[layer]
+    decode_table: torch.Tensor  # [D, W] rows of the decodes
+    decode_kept: torch.Tensor  # [D, Hkv]
+    decode_lengths: torch.Tensor  # [D, Hkv]
+    decode_max_len: int
+
+
+class BlockTablePageStore:
+    def __init__(self, block_size: int, use_triton: bool | None = None):
+        """``use_triton``: None = the Triton kernels for CUDA tensors and the references
+        otherwise; True = always the Triton launchers (CPU tensors need TRITON_INTERPRET=1)."""
+        self.block_size = block_size
+        self.use_triton = use_triton
+
+    def _triton(self, t: torch.Tensor) -> bool:
+        return t.is_cuda if self.use_triton is None else self.use_triton
+
+    def layer_state(self, plan: StepPlan, layer: int, block_table: torch.Tensor) -> BlockTableLayer:
+        kept, lengths = plan.kept[layer], plan.lengths[layer]
+        d = plan.decode_reqs
+        return BlockTableLayer(
+            block_table=block_table, kept=kept, lengths=lengths,
+            decode_table=block_table.index_select(0, d), decode_kept=kept.index_select(0, d),
+            decode_lengths=lengths.index_select(0, d), decode_max_len=plan.decode_max_len,
+        )
+
+    def store_prefill(self, state: BlockTableLayer, pf: PrefillPlan, scores, k, v, pages) -> None:
+        r = pf.row
+        positions = torch.arange(pf.max_len, device=k.device)
+        slots = head_page_slots(state.block_table[r : r + 1], state.kept[r : r + 1], positions, self.block_size)[0]
+        caps = (state.kept[r].clamp(max=pf.prompt_len) - pf.window).long()
+        lengths = state.lengths[r].long()
+        op = _select.select_and_store_triton if self._triton(k) else _select.select_and_store_ref
+        op(scores, k, v, caps, lengths, slots, pages)
+
+    def append_decode(self, state: BlockTableLayer, k, v, pages) -> None:
+        op = _append.append_decode_kv_triton if self._triton(k) else _append.append_decode_kv_ref
+        op(k, v, pages, state.decode_table, state.decode_kept, state.decode_lengths)
+
+    def attend_decode(self, state: BlockTableLayer, q, pages, scale: float) -> torch.Tensor:
+        return self._attend(q, pages, state.decode_table, state.decode_kept, state.decode_lengths, scale,
+                            state.decode_max_len)
+
+    def attend_recomputed(self, state: BlockTableLayer, pf: PrefillPlan, q, pages, scale: float) -> torch.Tensor:
+        r, g = pf.row, pf.generated
+        step = torch.arange(1 - g, 1, device=q.device, dtype=state.lengths.dtype)[:, None]  # [g, 1]
+        lengths = state.lengths[r][None, :] + step  # token j holds the prompt part + j + 1 generated
+        table = state.block_table[r].expand(g, -1)
+        kept = state.kept[r].expand(g, -1)
+        return self._attend(q, pages, table, kept, lengths, scale, pf.max_len)
+
+    def _attend(self, q, pages, table, kept, lengths, scale, max_len) -> torch.Tensor:
+        op = _decode.paged_decode_block_table_triton if self._triton(q) else _decode.paged_decode_block_table_ref
+        return op(q, pages, table, kept, lengths, scale, max_len)

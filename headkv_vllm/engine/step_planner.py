@@ -1,0 +1,85 @@
+"""The worker's one ``StepPlanner``: builds the step plan once per step for all layers.
+
+vLLM calls every layer's metadata builder in turn with the same step inputs (a
+shallow copy of one ``CommonAttentionMetadata`` per KV-cache group); the first call
+of a step builds the plan, the others reuse it. A step is recognised by the
+identity of its ``query_start_loc_cpu`` tensor, a fresh view per step that every
+group's copy shares; the planner keeps a reference to it, so the identity cannot be
+reused while the plan is cached.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from headkv_vllm.core.plan import KeptTable, StepInputs, StepPlan, build_step_plan
+from headkv_vllm.engine.compat import (
+    CommonAttentionMetadata,
+    block_table_row_counts,
+    head_kv_group_layers,
+    logger,
+    num_prompt_tokens,
+    request_ids,
+    seq_lens_cpu,
+)
+from headkv_vllm.method.budgets import Budgets
+
+
+class StepPlanner:
+    def __init__(self, budgets: Budgets, block_size: int, device: torch.device):
+        self.budgets = budgets
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.kept = KeptTable(budgets)
+        self.runner = None
+        self.builds = 0  # plans built so far (tests count them)
+        self._key: torch.Tensor | None = None
+        self._plan: StepPlan | None = None
+        self._group_layers: list[tuple[int, int]] | None = None  # (group id, layer index)
+
+    def bind_runner(self, runner) -> None:
+        """The model runner holds the prompt lengths and request ids, which attention
+        metadata lacks."""
+        self.runner = runner
+        self._group_layers = None
+
+    def plan(self, cm: CommonAttentionMetadata) -> StepPlan:
+        key = cm.query_start_loc_cpu
+        if self._plan is not None and self._key is key:
+            return self._plan
+        n = cm.num_reqs
+        total = seq_lens_cpu(cm)[:n]
+        real = self.runner is not None and n > 0 and len(request_ids(self.runner)) >= n
+        prompt = num_prompt_tokens(self.runner, n) if real else torch.zeros(n, dtype=torch.long)
+        inputs = StepInputs(query_start_loc=key[: n + 1], seq_lens=total, prompt_lens=prompt,
+                            num_actual_tokens=cm.num_actual_tokens)
+        plan = build_step_plan(inputs, self.kept, self.block_size, self.device)
+        if real:
+            self._check_pages(plan, n)
+            self._log_prefills(plan)
+        self._key, self._plan = key, plan
+        self.builds += 1
+        return plan
+
+    def _check_pages(self, plan: StepPlan, n: int) -> None:
+        """The scheduler's page count of every (layer, request) equals what the worker needs."""
+        if self._group_layers is None:
+            self._group_layers = head_kv_group_layers(self.runner)
+        bs = self.block_size
+        need = ((plan.lengths_host.long() + bs - 1) // bs).sum(dim=2)  # [L, R]
+        for group, layer in self._group_layers:
+            held = torch.as_tensor(block_table_row_counts(self.runner, group)[:n], dtype=torch.long)
+            if not torch.equal(held, need[layer]):
+                raise RuntimeError(
+                    f"HeadKV layer {layer}: scheduler allocated {held.tolist()} head pages, "
+                    f"worker needs {need[layer].tolist()}."
+                )
+
+    def _log_prefills(self, plan: StepPlan) -> None:
+        ids = request_ids(self.runner)
+        for pf in plan.prefills:
+            kept = self.kept.one(pf.prompt_len).float().mean().item()
+            logger.info(
+                "HeadKV request %s: prompt %d tokens, kept %.1f per KV head on average over all layers (%.1f%%).",
+                ids[pf.row], pf.prompt_len, kept, 100.0 * kept / pf.prompt_len,
+            )
