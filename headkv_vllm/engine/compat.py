@@ -291,7 +291,37 @@ def cpu_head_attention(query: torch.Tensor, pages: torch.Tensor, output: torch.T
 
 
 # ---------------------------------------------------------------------------
-# 7. vLLM's real scheduler without a model (``headkv-vllm sched-sim``).
+# 7. vLLM's variable-length flash attention (``v1/attention/backends/fa_utils``)
+#    for HeadKV's prefill attention on CUDA: one call for all prompts of a step.
+#    Why: SDPA would run one call per prompt, and its fp32 path is O(n^2) in memory.
+#    Remove when: the signature changes (it follows vLLM's FlashAttention backend).
+# ---------------------------------------------------------------------------
+
+
+def flash_prefill_attention(dtype: torch.dtype, head_size: int):
+    """A ``core.attention.PrefillAttention`` over vLLM's flash attention, or None where
+    it is not available (CPU, fp32, no flash build)."""
+    if not current_platform.is_cuda() or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    from vllm.v1.attention.backends import fa_utils
+
+    if not fa_utils.is_flash_attn_varlen_func_available():
+        return None
+    version = fa_utils.get_flash_attn_version(head_size=head_size)
+    extra = {} if version is None else {"fa_version": version}
+
+    def attend(q, k, v, plan, scale):
+        return fa_utils.flash_attn_varlen_func(
+            q, k, v, max_seqlen_q=plan.prefill_max_len, cu_seqlens_q=plan.prefill_cu_seqlens,
+            max_seqlen_k=plan.prefill_max_len, cu_seqlens_k=plan.prefill_cu_seqlens,
+            softmax_scale=scale, causal=True, **extra,
+        )
+
+    return attend
+
+
+# ---------------------------------------------------------------------------
+# 8. vLLM's real scheduler without a model (``headkv-vllm sched-sim``).
 #    Why: the scheduler-side cost of head pages (a block pool hundreds of times
 #    larger than stock, one KV-cache group per layer) is measured on vLLM's own
 #    ``Scheduler`` / ``KVCacheManager`` / ``BlockPool``, built the way
@@ -392,33 +422,3 @@ def finish_all_requests(scheduler) -> None:
     from vllm.v1.request import RequestStatus
 
     scheduler.finish_requests(None, RequestStatus.FINISHED_ABORTED)
-
-
-# ---------------------------------------------------------------------------
-# 7. vLLM's variable-length flash attention (``v1/attention/backends/fa_utils``)
-#    for HeadKV's prefill attention on CUDA: one call for all prompts of a step.
-#    Why: SDPA would run one call per prompt, and its fp32 path is O(n^2) in memory.
-#    Remove when: the signature changes (it follows vLLM's FlashAttention backend).
-# ---------------------------------------------------------------------------
-
-
-def flash_prefill_attention(dtype: torch.dtype, head_size: int):
-    """A ``core.attention.PrefillAttention`` over vLLM's flash attention, or None where
-    it is not available (CPU, fp32, no flash build)."""
-    if not current_platform.is_cuda() or dtype not in (torch.float16, torch.bfloat16):
-        return None
-    from vllm.v1.attention.backends import fa_utils
-
-    if not fa_utils.is_flash_attn_varlen_func_available():
-        return None
-    version = fa_utils.get_flash_attn_version(head_size=head_size)
-    extra = {} if version is None else {"fa_version": version}
-
-    def attend(q, k, v, plan, scale):
-        return fa_utils.flash_attn_varlen_func(
-            q, k, v, max_seqlen_q=plan.prefill_max_len, cu_seqlens_q=plan.prefill_cu_seqlens,
-            max_seqlen_k=plan.prefill_max_len, cu_seqlens_k=plan.prefill_cu_seqlens,
-            softmax_scale=scale, causal=True, **extra,
-        )
-
-    return attend
