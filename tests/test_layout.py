@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from headkv_vllm.method.layout import head_lengths, num_head_pages, page_positions
+from headkv_vllm.method.layout import PageCounter, head_lengths, num_head_pages, page_positions
 
 
 def brute_positions(kept, bs, pages_per_head):
@@ -42,3 +42,19 @@ def test_head_lengths_and_pages():
     assert head_lengths((13, 58), prompt_len=100, num_tokens=100) == [13, 58]
     assert head_lengths((13, 58), prompt_len=100, num_tokens=103) == [16, 61]
     assert num_head_pages((13, 58), 100, 103, 16) == 1 + 4
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_page_counter_equals_the_sum_over_heads(seed):
+    rng = random.Random(seed)
+    heads, bs = rng.choice([1, 3, 8]), rng.choice([1, 8, 16, 32])
+    tables = {}
+
+    def kept_of(n):  # any kept <= n, fixed per prompt length
+        return tables.setdefault(n, tuple(rng.randint(1, n) for _ in range(heads)))
+
+    counter = PageCounter(kept_of, bs)
+    for _ in range(300):
+        n = rng.randint(1, 3000)
+        t = rng.randint(1, n + 600)
+        assert counter.pages(n, t) == num_head_pages(kept_of(n), n, t, bs), (n, t)

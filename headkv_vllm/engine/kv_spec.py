@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from headkv_vllm.method.budgets import Budgets
-from headkv_vllm.method.layout import head_lengths, num_head_pages
+from headkv_vllm.method.layout import PageCounter, num_head_pages
 from headkv_vllm.engine.compat import (
     AttentionSpec,
     FullAttentionSpec,
@@ -97,11 +97,12 @@ class HeadKVManager(SingleTypeKVCacheManager):
     def __init__(self, kv_cache_spec: HeadKVSpec, **kwargs):
         super().__init__(kv_cache_spec, **kwargs)
         self.prompt_len: dict[str, int] = {}
+        self.counter = PageCounter(kv_cache_spec.kept, kv_cache_spec.block_size)
 
     def _pages(self, request_id: str, num_tokens: int) -> int:
         # Before the first real allocation of a fresh request, num_tokens == prompt length.
         n = self.prompt_len.get(request_id, num_tokens)
-        return self.kv_cache_spec.pages_needed(n, num_tokens)
+        return self.counter.pages(n, num_tokens)
 
     def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None):
         # Nothing is skipped; allocate_slots calls this before every real allocation,

@@ -21,6 +21,44 @@ def num_head_pages(kept: tuple[int, ...], prompt_len: int, num_tokens: int, bloc
     return sum(-(-n // block_size) for n in head_lengths(kept, prompt_len, num_tokens))
 
 
+class PageCounter:
+    """``num_head_pages`` of one layer in O(1) per call, for the scheduler, which asks
+    twice per layer per request per step.
+
+    Past the prompt every head grows by one token a step, so with ``g`` generated
+    tokens, ``g = m * bs + s`` and ``kept[h] = q[h] * bs + r[h]``:
+    ``ceil((kept[h] + g) / bs) = q[h] + m + ceil((r[h] + s) / bs)``. Per prompt length
+    the counter keeps ``sum_h q[h]`` and the last term's sum for each ``s`` in
+    ``[0, bs)``."""
+
+    MAX_PROMPT_LENGTHS = 4096  # cached tables (bs + 1 ints each) before the cache restarts
+
+    def __init__(self, kept_of, block_size: int):
+        self.kept_of = kept_of  # prompt length -> tuple of the layer's kept tokens per head
+        self.block_size = block_size
+        self._tables: dict[int, tuple[int, int, list[int]]] = {}
+
+    def pages(self, prompt_len: int, num_tokens: int) -> int:
+        if num_tokens < prompt_len:
+            return num_head_pages(self.kept_of(prompt_len), prompt_len, num_tokens, self.block_size)
+        table = self._tables.get(prompt_len)
+        if table is None:
+            table = self._table(prompt_len)
+        whole, num_heads, last = table
+        m, s = divmod(num_tokens - prompt_len, self.block_size)
+        return whole + num_heads * m + last[s]
+
+    def _table(self, prompt_len: int) -> tuple[int, int, list[int]]:
+        bs = self.block_size
+        kept = [min(k, prompt_len) for k in self.kept_of(prompt_len)]
+        whole = sum(k // bs for k in kept)
+        last = [sum(-(-(k % bs + s) // bs) for k in kept) for s in range(bs)]
+        if len(self._tables) >= self.MAX_PROMPT_LENGTHS:
+            self._tables.clear()
+        table = self._tables[prompt_len] = (whole, len(kept), last)
+        return table
+
+
 def page_positions(kept: torch.Tensor, block_size: int, max_pages: int) -> torch.Tensor:
     """Block-table position of each head page.
 
