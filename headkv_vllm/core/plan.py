@@ -69,6 +69,7 @@ class StepPlan:
     lengths: torch.Tensor  # [L, R, Hkv] int32 device
     kept_host: torch.Tensor  # [L, R, Hkv] int32 host (the CPU page store builds page lists from it)
     lengths_host: torch.Tensor  # [L, R, Hkv] int32 host
+    prompt_lens: tuple[int, ...]  # [R]
     prefills: tuple[PrefillPlan, ...]
     decode_tokens: torch.Tensor  # [D] int64 device, step-token row of each decode
     decode_reqs: torch.Tensor  # [D] int64 device, request row of each decode
@@ -180,7 +181,7 @@ def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
     return StepPlan(
         num_actual_tokens=inputs.num_actual_tokens, block_size=block_size,
         kept=kept_dev.view(kept.shape), lengths=lengths_dev.view(kept.shape), kept_host=kept, lengths_host=lengths,
-        prefills=prefills, decode_tokens=decode_tokens.long(), decode_reqs=decode_reqs_dev.long(),
+        prompt_lens=tuple(prompt_list), prefills=prefills, decode_tokens=decode_tokens.long(), decode_reqs=decode_reqs_dev.long(),
         decode_reqs_host=decode_reqs, decode_max_len=int(decode_max), max_pages=max_pages,
         prefill_tokens=prefill_tokens_dev.long(), prefill_span=(spans[0][0], spans[-1][1]) if spans and contiguous else None,
         prefill_cu_seqlens=cu_dev, prefill_max_len=max((pf.prompt_len for pf in prefills), default=0),

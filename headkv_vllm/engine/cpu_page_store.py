@@ -37,8 +37,8 @@ class HeadSequences:
 
 @dataclass(frozen=True)
 class CpuLayer:
-    head_blocks: torch.Tensor  # [R, Hkv, J] int64 page j of head h of request r
-    lengths: torch.Tensor  # [R, Hkv] int64
+    head_blocks: torch.Tensor  # [R, Hkv, J] int32 page j of head h of request r
+    lengths: torch.Tensor  # [R, Hkv] int32
     decode: HeadSequences | None
     decode_slots: torch.Tensor | None  # [D * Hkv] int64 slot of each decode token in each head
 
@@ -48,16 +48,34 @@ class CpuPageStore:
         self.dtype, self.block_size, self.head_size = dtype, block_size, head_size
         self.queries_per_kv = queries_per_kv
         self.isa = cpu_attention_isa(dtype, block_size, head_size)
-        self._positions: tuple[StepPlan, torch.Tensor] | None = None
+        self._positions: tuple[tuple, torch.Tensor] | None = None
+        self._by_prompt: dict[int, torch.Tensor] = {}
 
-    def _page_positions(self, plan: StepPlan) -> torch.Tensor:
-        """[L, R, Hkv, J] block-table position of each head page, for all layers at once."""
-        if self._positions is None or self._positions[0] is not plan:
-            kept = plan.kept_host.long()
-            L, R, H = kept.shape
-            pos = page_positions(kept.reshape(L * R, H), self.block_size, plan.max_pages).view(L, R, H, -1)
-            self._positions = (plan, pos)
+    def _page_positions(self, plan: StepPlan, row_width: int) -> torch.Tensor:
+        """[L, R, Hkv, J] block-table position of each head page, for all layers.
+
+        A page's position depends only on the request's prompt length (through
+        ``kept``), so it is computed once per prompt length for every page a head can
+        reach, and restacked only when the batch or its page count changes."""
+        key = (tuple(plan.prompt_lens), plan.max_pages)
+        if self._positions is None or self._positions[0] != key:
+            reach = max(plan.max_pages, row_width // plan.kept_host.shape[2])
+            per_prompt = [self._positions_of(n, r, plan, reach)[:, :, : plan.max_pages]
+                          for r, n in enumerate(plan.prompt_lens)]
+            pos = torch.stack(per_prompt, dim=1) if per_prompt else \
+                torch.zeros(plan.kept_host.shape + (plan.max_pages,), dtype=torch.long)
+            # pages a head never reaches may sort past the row's end; they are never read
+            self._positions = (key, pos.clamp_(max=row_width - 1))
         return self._positions[1]
+
+    def _positions_of(self, prompt_len: int, row: int, plan: StepPlan, reach: int) -> torch.Tensor:
+        """[L, Hkv, reach] positions of a request with this prompt length (cached)."""
+        pos = self._by_prompt.get(prompt_len)
+        if pos is None or pos.shape[2] < reach:
+            if len(self._by_prompt) >= 4096:
+                self._by_prompt.clear()
+            pos = self._by_prompt[prompt_len] = page_positions(plan.kept_host[:, row].long(), self.block_size, reach)
+        return pos
 
     def _sequences(self, lengths: torch.Tensor, head_blocks: torch.Tensor) -> HeadSequences:
         """lengths [B, Hkv], head_blocks [B, Hkv, J] -> one sequence per (row, head)."""
@@ -70,17 +88,16 @@ class CpuPageStore:
         )
 
     def layer_state(self, plan: StepPlan, layer: int, block_table: torch.Tensor) -> CpuLayer:
-        pos = self._page_positions(plan)[layer]  # [R, H, J]
+        pos = self._page_positions(plan, block_table.shape[1])[layer]  # [R, H, J]
         R = pos.shape[0]
-        bt = block_table[:R].long()
-        head_blocks = bt.gather(1, pos.clamp(max=bt.shape[1] - 1).reshape(R, -1)).view(pos.shape)
-        lengths = plan.lengths_host[layer].long()
+        head_blocks = block_table[:R].gather(1, pos.reshape(R, -1)).view(pos.shape)  # int32
+        lengths = plan.lengths_host[layer]
         decode = decode_slots = None
         if plan.num_decodes:
             d = plan.decode_reqs_host
             d_lengths, d_blocks = lengths[d], head_blocks[d]
-            last = (d_lengths - 1)[:, :, None]
-            decode_slots = (d_blocks.gather(2, last // self.block_size) * self.block_size
+            last = (d_lengths - 1).long()[:, :, None]
+            decode_slots = (d_blocks.gather(2, last // self.block_size).long() * self.block_size
                             + last % self.block_size).flatten()
             decode = self._sequences(d_lengths, d_blocks)
         return CpuLayer(head_blocks=head_blocks, lengths=lengths, decode=decode, decode_slots=decode_slots)
@@ -88,10 +105,10 @@ class CpuPageStore:
     def store_prefill(self, state: CpuLayer, pf: PrefillPlan, scores, k, v, pages) -> None:
         r, bs = pf.row, self.block_size
         lengths = state.lengths[r]
-        caps = lengths - pf.generated - pf.window  # prefix tokens each head keeps
-        src, valid = select_sources(scores, caps, lengths, pf.max_len)
+        caps = (lengths - pf.generated - pf.window).long()  # prefix tokens each head keeps
+        src, valid = select_sources(scores, caps, lengths.long(), pf.max_len)
         p = torch.arange(pf.max_len)
-        slots = state.head_blocks[r][:, p // bs] * bs + p % bs  # [Hkv, Lmax]
+        slots = state.head_blocks[r][:, p // bs].long() * bs + p % bs  # [Hkv, Lmax]
         head = torch.arange(k.shape[1])[:, None].expand_as(src)[valid]
         cpu_store_tokens(k[src[valid], head], v[src[valid], head], pages, slots[valid], self.isa)
 
