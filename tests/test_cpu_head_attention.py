@@ -1,5 +1,5 @@
 """The CPU engine's head-page path: vLLM's CPU cache and attention ops with one
-sequence per (query token, KV head) (``vllm_compat`` section 6) against the PyTorch
+sequence per (query token, KV head) (``engine.compat`` section 6) against the PyTorch
 reference ``paged_decode_ref`` on plain pages."""
 
 from __future__ import annotations
