@@ -1,6 +1,6 @@
-"""The CPU engine's head-page path: vLLM's CPU cache and attention ops with one
-sequence per (query token, KV head) (``engine.compat`` section 6) against the PyTorch
-reference ``paged_decode_ref`` on plain pages."""
+"""The CPU engine's ops (``engine.cpu_page_store``): vLLM's CPU cache and attention ops
+with one sequence per (query token, KV head), against the PyTorch reference
+``paged_decode_ref`` on plain pages; and the CPU prompt attention against SDPA."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from headkv_vllm.kernels.paged_decode import paged_decode_ref
-from headkv_vllm.engine.compat import (
-    cpu_attention_isa,
-    cpu_attention_schedule,
-    cpu_head_attention,
-    cpu_store_tokens,
-)
+from headkv_vllm.core.plan import KeptTable, StepInputs, build_step_plan
+from headkv_vllm.core.prompt_attention import sdpa_prefill
+from headkv_vllm.engine.compat import cpu_attention_isa, cpu_attention_schedule
+from headkv_vllm.engine.cpu_page_store import CpuPromptAttention, HeadSequences, attend_head_pages, store_tokens
+from headkv_vllm.method.budgets import Budgets
 
 # Both sides accumulate in fp32; bf16 pages round the inputs the same way on both.
 TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -29,16 +28,16 @@ def run_cpu_path(q, plain_pages, head_blocks, lengths, scale):
     slots = head_blocks[..., p // block_size] * block_size + p % block_size  # [B, H, Lmax]
     valid = p < lengths[..., None]
     used = slots[valid]
-    cpu_store_tokens(plain_pages[used // block_size, 0, used % block_size],
-                     plain_pages[used // block_size, 1, used % block_size], packed, used, isa)
+    store_tokens(plain_pages[used // block_size, 0, used % block_size],
+                 plain_pages[used // block_size, 1, used % block_size], packed, used, isa)
     seq_lens = lengths.flatten().to(torch.int32)
     qsl = torch.arange(seq_lens.numel() + 1, dtype=torch.int32)
     group = q.shape[1] // heads
-    schedule = cpu_attention_schedule(seq_lens, qsl, group, d, q.dtype, isa)
+    schedule = cpu_attention_schedule(seq_lens, qsl, group, 1, d, q.dtype, isa)
     grouped = q.reshape(-1, group, d).contiguous()
     out = torch.empty_like(grouped)
-    cpu_head_attention(grouped, packed, out, qsl, seq_lens, head_blocks.reshape(batch * heads, -1).to(torch.int32),
-                       schedule, scale)
+    seqs = HeadSequences(qsl, seq_lens, head_blocks.reshape(batch * heads, -1).to(torch.int32), schedule)
+    attend_head_pages(grouped, packed, out, seqs, scale)
     return out.view(q.shape), slots
 
 
@@ -60,3 +59,22 @@ def test_cpu_head_attention_equals_reference(dtype, block_size, num_q_heads, num
     got, slots = run_cpu_path(q, plain, head_blocks, lengths, scale)
     want = paged_decode_ref(q, plain, slots, lengths, scale)
     torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("num_q_heads, num_kv_heads", [(9, 3), (4, 4), (8, 2)])
+def test_cpu_prompt_attention_equals_sdpa(num_q_heads, num_kv_heads):
+    """Packed prompts of odd lengths (one below a block, one of many blocks) through
+    vLLM's CPU attention op on the scratch cache, twice (the scratch is reused)."""
+    d, bs = 64, 16
+    lens = [5, 300, 47, 129, 1000]
+    qsl = torch.tensor([0] + lens).cumsum(0).int()
+    plan = build_step_plan(StepInputs(qsl, torch.tensor(lens), torch.tensor(lens), int(qsl[-1])),
+                           KeptTable(Budgets(caps=((1,) * num_kv_heads,), window=4)), bs, "cpu")
+    attend = CpuPromptAttention(torch.float32, d, num_q_heads, num_kv_heads)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        m = int(qsl[-1])
+        q = torch.randn(m, num_q_heads, d, generator=gen)
+        k, v = torch.randn(m, num_kv_heads, d, generator=gen), torch.randn(m, num_kv_heads, d, generator=gen)
+        torch.testing.assert_close(attend(q, k, v, plan, 0.125), sdpa_prefill(q, k, v, plan, 0.125),
+                                   **TOLERANCE[torch.float32])

@@ -103,7 +103,7 @@ REQUESTS = [(120, 0), (37, 0), (300, 0), (50, 3), (6, 0)]  # (50, 3): recomputed
 
 def test_block_table_and_cpu_stores_agree_at_every_step():
     steps = 6
-    cpu = run(CpuPageStore(torch.float32, BS, D, HQ // HKV), Scenario(REQUESTS), steps)
+    cpu = run(CpuPageStore(torch.float32, BS, D, HQ, HKV), Scenario(REQUESTS), steps)
     table = run(BlockTablePageStore(BS), Scenario(REQUESTS), steps)
     for s in range(steps):
         for layer in range(LAYERS):

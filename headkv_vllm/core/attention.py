@@ -10,35 +10,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from headkv_vllm.core.page_store import PageStore
 from headkv_vllm.core.plan import StepPlan
 from headkv_vllm.kernels import window_scores as _scores
-
-# Causal attention of every prefill over its own prompt, the prompts packed:
-# (q [M, Hq, d], k [M, Hkv, d], v [M, Hkv, d], plan, scale) -> [M, Hq, d], where
-# prompt i is rows plan.prefill_cu_seqlens[i] .. [i + 1] (M = sum of prompt lengths).
-PrefillAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, StepPlan, float], torch.Tensor]
-
-
-def sdpa_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, scale: float) -> torch.Tensor:
-    """The fallback: one SDPA call per prompt (the engine passes vLLM's variable-length
-    flash attention on CUDA where it is available)."""
-    out = torch.empty_like(q)
-    start = 0
-    for pf in plan.prefills:
-        end = start + pf.prompt_len
-        out[start:end] = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1)[None], k[start:end].transpose(0, 1)[None], v[start:end].transpose(0, 1)[None],
-            is_causal=True, scale=scale, enable_gqa=True,
-        )[0].transpose(0, 1)
-        start = end
-    return out
-
 
 @dataclass(frozen=True)
 class LayerStep:
@@ -65,7 +42,6 @@ class HeadAttention:
     scale: float
     pool_kernel: int
     use_triton: bool | None = None  # as in BlockTablePageStore: None = Triton on CUDA tensors
-    prefill_attention: PrefillAttention = sdpa_prefill
 
     def forward(self, step: LayerStep, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 pages: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -82,7 +58,7 @@ class HeadAttention:
                 rows = slice(*plan.prefill_span)
             else:
                 rows = plan.prefill_tokens
-            out[rows] = self.prefill_attention(q[rows], k[rows], v[rows], plan, self.scale).to(out.dtype)
+            out[rows] = store.attend_prompts(q[rows], k[rows], v[rows], plan, self.scale).to(out.dtype)
         for pf in plan.prefills:
             s, n, t, w = pf.start, pf.prompt_len, pf.num_tokens, pf.window
             qr, kr, vr = q[s : s + t], k[s : s + t], v[s : s + t]

@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 
 from headkv_vllm.core.plan import PrefillPlan, StepPlan
+from headkv_vllm.core.prompt_attention import PromptAttention, sdpa_prefill
 from headkv_vllm.kernels import append_decode_kv as _append
 from headkv_vllm.kernels import paged_decode_block_table as _decode
 from headkv_vllm.kernels import select_store as _select
@@ -31,6 +32,11 @@ from headkv_vllm.kernels.head_page_rows import head_page_slots
 
 
 class PageStore(Protocol):
+    def attend_prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan,
+                       scale: float) -> torch.Tensor:
+        """Causal attention of every prefill over its whole prompt, the prompts packed
+        (``core.prompt_attention``)."""
+
     def layer_state(self, plan: StepPlan, layer: int, block_table: torch.Tensor) -> object:
         """Whatever the store needs per layer and step (built by the metadata builder)."""
 
@@ -63,11 +69,13 @@ class BlockTableLayer:
 
 
 class BlockTablePageStore:
-    def __init__(self, block_size: int, use_triton: bool | None = None):
+    def __init__(self, block_size: int, use_triton: bool | None = None,
+                 prompt_attention: PromptAttention = sdpa_prefill):
         """``use_triton``: None = the Triton kernels for CUDA tensors and the references
         otherwise; True = always the Triton launchers (CPU tensors need TRITON_INTERPRET=1)."""
         self.block_size = block_size
         self.use_triton = use_triton
+        self.attend_prompts = prompt_attention
 
     def _triton(self, t: torch.Tensor) -> bool:
         return t.is_cuda if self.use_triton is None else self.use_triton

@@ -8,16 +8,18 @@ three classes, thin over the compute core (``headkv_vllm.core``).
 - ``HeadKVImpl.forward``: ``core.attention.HeadAttention.forward``.
 
 The page store is chosen once per worker (``choose_page_store``): on CUDA the
-block-table store (Triton kernels, no host work per layer); on the CPU vLLM's own
-CPU cache and attention ops (``engine.cpu_page_store``).
+block-table store (Triton kernels, no host work per layer; prompts through vLLM's
+flash attention); on the CPU vLLM's own CPU cache and attention ops
+(``engine.cpu_page_store``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from headkv_vllm.core.attention import HeadAttention, LayerStep, sdpa_prefill
+from headkv_vllm.core.attention import HeadAttention, LayerStep
 from headkv_vllm.core.page_store import BlockTablePageStore, PageStore
+from headkv_vllm.core.prompt_attention import sdpa_prefill
 from headkv_vllm.engine.compat import (
     BACKEND_NAME,
     AttentionBackend,
@@ -39,12 +41,12 @@ def choose_page_store(vllm_config, kv_cache_spec, device) -> PageStore:
     from headkv_vllm.method.config import HeadKVConfig
 
     config = HeadKVConfig.from_additional_config(vllm_config.additional_config)
-    bs = kv_cache_spec.block_size
+    bs, head_size, model = kv_cache_spec.block_size, kv_cache_spec.head_size, vllm_config.model_config
     if torch.device(device).type != "cpu" or config.page_store == "block-table":
-        return BlockTablePageStore(bs)
-    model = vllm_config.model_config
-    queries_per_kv = model.get_num_attention_heads(vllm_config.parallel_config) // kv_cache_spec.num_kv_heads
-    return CpuPageStore(model.dtype, bs, kv_cache_spec.head_size, queries_per_kv)
+        flash = flash_prefill_attention(model.dtype, head_size)
+        return BlockTablePageStore(bs, prompt_attention=flash or sdpa_prefill)
+    num_heads = model.get_num_attention_heads(vllm_config.parallel_config)
+    return CpuPageStore(model.dtype, bs, head_size, num_heads, kv_cache_spec.num_kv_heads)
 
 
 class HeadKVMetadataBuilder(AttentionMetadataBuilder[LayerStep]):
@@ -88,11 +90,8 @@ class HeadKVImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = None
         from headkv_vllm.method.config import HeadKVConfig
 
-        vllm_config = get_current_vllm_config()
-        config = HeadKVConfig.from_additional_config(vllm_config.additional_config)
-        flash = flash_prefill_attention(vllm_config.model_config.dtype, head_size)
-        self.attention = HeadAttention(num_heads, num_kv_heads, head_size, self.scale, config.pool_kernel,
-                                       prefill_attention=flash or sdpa_prefill)
+        config = HeadKVConfig.from_additional_config(get_current_vllm_config().additional_config)
+        self.attention = HeadAttention(num_heads, num_kv_heads, head_size, self.scale, config.pool_kernel)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: LayerStep | None, output,
                 output_scale=None, output_block_scale=None):

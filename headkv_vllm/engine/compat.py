@@ -230,21 +230,18 @@ def block_table_row_counts(model_runner, group_id: int):
 
 
 # ---------------------------------------------------------------------------
-# 6. vLLM's CPU attention ops (``vllm._custom_ops.cpu_attn_*``), reused on the CPU.
-#    Why: a head page has the shape of a stock CPU block with one KV head
-#    (``[1, 2 * block_size, head_dim]``: K rows, then V rows), so each (request,
-#    KV head) can be one "sequence" of the stock kernel, with its own block-table
-#    row of head pages. Decode then reads the kept tokens in place, as fast as
-#    stock vLLM reads its dense cache. The store op packs K in an ISA-specific
-#    order, so on the CPU head pages are written and read only through these ops.
+# 6. vLLM's CPU attention ops (``vllm._custom_ops.cpu_attn_*``), reused on the CPU
+#    by ``engine.cpu_page_store``: a head page has the shape of a stock CPU block
+#    with one KV head, and prefill attention runs on a scratch cache of stock blocks.
+#    The cache-write op packs K in an ISA-specific order, so caches it writes are
+#    read only by its attention op.
 #    Remove when: the signatures change (they follow vLLM's CPU backend).
 # ---------------------------------------------------------------------------
 
 from vllm import _custom_ops as _ops  # noqa: E402
 from vllm import envs as _envs  # noqa: E402
 
-__all__ += ["cpu_attention_isa", "cpu_store_tokens", "cpu_attention_schedule", "cpu_head_attention",
-            "flash_prefill_attention"]
+__all__ += ["cpu_attention_isa", "cpu_cache_write", "cpu_attention_schedule", "cpu_attention"]
 
 
 def cpu_attention_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str:
@@ -253,36 +250,28 @@ def cpu_attention_isa(dtype: torch.dtype, block_size: int, head_size: int) -> st
     return _get_attn_isa(dtype, block_size, head_size, "auto")
 
 
-def _cpu_caches(pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pages[num_blocks, 2, block_size, d]`` as the CPU kernel's one-head K and V caches."""
-    num_blocks, _, block_size, d = pages.shape
-    key_cache, value_cache = pages.view(num_blocks, 1, 2 * block_size, d).chunk(2, dim=2)
-    return key_cache, value_cache
+def cpu_cache_write(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    slots: torch.Tensor, isa: str) -> None:
+    """Write ``key[i]``/``value[i]`` (``[M, Hkv, d]``) at slot ``slots[i]`` (int64) of the
+    caches (``[num_blocks, Hkv, block_size, d]`` views)."""
+    _ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
 
 
-def cpu_store_tokens(key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
-                     slots: torch.Tensor, isa: str) -> None:
-    """Write ``key[i]``/``value[i]`` (``[M, d]``) at head-page slot ``slots[i]`` (int64)."""
-    key_cache, value_cache = _cpu_caches(pages)
-    _ops.cpu_attn_reshape_and_cache(key[:, None], value[:, None], key_cache, value_cache, slots, isa)
-
-
-def cpu_attention_schedule(seq_lens: torch.Tensor, query_start_loc: torch.Tensor, queries_per_seq: int,
+def cpu_attention_schedule(seq_lens: torch.Tensor, query_start_loc: torch.Tensor, num_heads: int, num_kv_heads: int,
                            head_dim: int, dtype: torch.dtype, isa: str) -> torch.Tensor:
-    """The kernel's work split for sequences of one KV head each (int32 inputs)."""
+    """The attention op's work split (int32 inputs; causal)."""
     return _ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=seq_lens.shape[0], num_heads=queries_per_seq, num_kv_heads=1, head_dim=head_dim,
+        num_reqs=seq_lens.shape[0], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         seq_lens=seq_lens, dtype=dtype, query_start_loc=query_start_loc, causal=True,
         sliding_window_size=-1, isa=isa, enable_kv_split=_envs.VLLM_CPU_ATTN_SPLIT_KV,
     )
 
 
-def cpu_head_attention(query: torch.Tensor, pages: torch.Tensor, output: torch.Tensor,
-                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                       schedule: torch.Tensor, scale: float) -> None:
-    """``query``/``output``: ``[S, G, d]``, one query token of G query heads per sequence;
-    sequence s reads ``seq_lens[s]`` tokens from the head pages listed in ``block_tables[s]``."""
-    key_cache, value_cache = _cpu_caches(pages)
+def cpu_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, output: torch.Tensor,
+                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                  schedule: torch.Tensor, scale: float) -> None:
+    """Causal attention of ``query`` ``[M, Hq, d]`` (sequence s: rows ``query_start_loc[s]..[s+1]``,
+    the last of its ``seq_lens[s]`` tokens) over the cache blocks ``block_tables[s]``."""
     _ops.cpu_attention_with_kv_cache(
         query=query, key_cache=key_cache, value_cache=value_cache, output=output,
         query_start_loc=query_start_loc, seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None,
@@ -298,8 +287,11 @@ def cpu_head_attention(query: torch.Tensor, pages: torch.Tensor, output: torch.T
 # ---------------------------------------------------------------------------
 
 
+__all__ += ["flash_prefill_attention"]
+
+
 def flash_prefill_attention(dtype: torch.dtype, head_size: int):
-    """A ``core.attention.PrefillAttention`` over vLLM's flash attention, or None where
+    """A ``core.prompt_attention.PromptAttention`` over vLLM's flash attention, or None where
     it is not available (CPU, fp32, no flash build)."""
     if not current_platform.is_cuda() or dtype not in (torch.float16, torch.bfloat16):
         return None
