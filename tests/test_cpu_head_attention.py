@@ -74,7 +74,8 @@ def test_cpu_prompt_attention_equals_sdpa(num_q_heads, num_kv_heads):
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
         m = int(qsl[-1])
-        q = torch.randn(m, num_q_heads, d, generator=gen)
-        k, v = torch.randn(m, num_kv_heads, d, generator=gen), torch.randn(m, num_kv_heads, d, generator=gen)
+        # q, k, v as the model hands them over: views into one fused qkv projection
+        qkv = torch.randn(m, (num_q_heads + 2 * num_kv_heads) * d, generator=gen)
+        q, k, v = (t.view(m, -1, d) for t in qkv.split([num_q_heads * d, num_kv_heads * d, num_kv_heads * d], -1))
         torch.testing.assert_close(attend(q, k, v, plan, 0.125), sdpa_prefill(q, k, v, plan, 0.125),
                                    **TOLERANCE[torch.float32])

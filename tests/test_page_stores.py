@@ -33,7 +33,8 @@ NUM_BLOCKS = 600
 
 
 class Scenario:
-    """Requests (prompt, generated-before-preemption) prefilled in step 0, then decoded.
+    """Requests (prompt, generated before a preemption, arrival step): prefilled at
+    their arrival step, then decoded.
     Block-table rows are filled as a scheduler would: the pages in use are a prefix of
     the canonical order, each a random free page id."""
 
@@ -46,11 +47,15 @@ class Scenario:
         self.held = [[0] * len(requests) for _ in range(LAYERS)]
         self.total = [0] * len(requests)
 
-    def step(self, first: bool) -> StepInputs:
+    def step(self, step: int) -> StepInputs:
+        """Requests arrive at their step (prefill), then decode; before it, a padding row."""
         qlens = []
-        for r, (prompt, generated) in enumerate(self.requests):
-            q = prompt + generated if first else 1
+        for r, (prompt, generated, arrives) in enumerate(self.requests):
+            q = prompt + generated if step == arrives else (1 if step > arrives else 0)
             self.total[r] += q
+            if not q:
+                qlens.append(0)
+                continue
             qlens.append(q)
             for layer in range(LAYERS):
                 kept = BUDGETS.kept(prompt)[layer]
@@ -61,7 +66,7 @@ class Scenario:
                     self.held[layer][r] += 1
         qsl = torch.tensor([0] + qlens).cumsum(0).int()
         return StepInputs(query_start_loc=qsl, seq_lens=torch.tensor(self.total),
-                          prompt_lens=torch.tensor([p for p, _ in self.requests]), num_actual_tokens=int(qsl[-1]))
+                          prompt_lens=torch.tensor([p for p, _, _ in self.requests]), num_actual_tokens=int(qsl[-1]))
 
     def tokens(self, n):
         def rand(h):
@@ -76,7 +81,7 @@ def run(store, scenario: Scenario, steps: int, guard=None):
     kept_table = KeptTable(BUDGETS)
     outputs = []
     for s in range(steps):
-        inputs = scenario.step(first=s == 0)
+        inputs = scenario.step(s)
         plan = build_step_plan(inputs, kept_table, BS, "cpu")
         per_layer = []
         for layer in range(LAYERS):
@@ -98,7 +103,9 @@ class _nothing:
         return False
 
 
-REQUESTS = [(120, 0), (37, 0), (300, 0), (50, 3), (6, 0)]  # (50, 3): recomputed after preemption
+# (50, 3, 0): recomputed after preemption; (80, 0, 2) arrives while the others decode,
+# so decode rows are not contiguous in steps 2+
+REQUESTS = [(120, 0, 0), (37, 0, 0), (80, 0, 2), (300, 0, 0), (50, 3, 0), (6, 0, 0)]
 
 
 def test_block_table_and_cpu_stores_agree_at_every_step():
@@ -118,7 +125,7 @@ def test_decode_equals_attention_over_the_kept_tokens():
     top-k, ties to the lower position) and appending the generated tokens."""
     gen = torch.Generator().manual_seed(3)
     prompt, steps = 90, 4
-    scenario = Scenario([(prompt, 0)], seed=5)
+    scenario = Scenario([(prompt, 0, 0)], seed=5)
     store = BlockTablePageStore(BS)
     attention = HeadAttention(HQ, HKV, D, SCALE, pool_kernel=3)
     pages = torch.zeros(NUM_BLOCKS, 2, BS, D)
@@ -126,7 +133,7 @@ def test_decode_equals_attention_over_the_kept_tokens():
     layer = 1
     keys = values = None
     for s in range(steps):
-        inputs = scenario.step(first=s == 0)
+        inputs = scenario.step(s)
         n = inputs.num_actual_tokens
         q, k, v = (torch.randn(n, h * D, generator=gen) for h in (HQ, HKV, HKV))
         plan = build_step_plan(inputs, kept_table, BS, "cpu")
@@ -232,9 +239,9 @@ def test_block_table_route_does_no_host_work_per_layer(monkeypatch):
     FakeCudaKernels.install(monkeypatch)
     run(BlockTablePageStore(BS, use_triton=True), Scenario(REQUESTS), steps=3, guard=NoHostSync)
     calls = FakeCudaKernels.calls
-    # step 0: 5 prefills per layer (4 scored: the 6-token prompt keeps everything), one
-    # recomputed request; steps 1-2: one append and one decode launch per layer
-    assert calls.count("select_and_store") == 5 * LAYERS
+    # 6 prefills per layer (5 in step 0, one in step 2), one recomputed request; steps 1-2:
+    # one append and one decode launch per layer
+    assert calls.count("select_and_store") == 6 * LAYERS
     assert calls.count("decode") == LAYERS * (1 + 2) and calls.count("append") == 2 * LAYERS
 
 

@@ -70,7 +70,7 @@ class HeadAttention:
             if t > n:
                 out[s + n : s + t] = store.attend_recomputed(state, pf, qr[n:], pages, self.scale).to(out.dtype)
         if plan.num_decodes:
-            rows = plan.decode_tokens
+            rows = slice(*plan.decode_span) if plan.decode_span is not None else plan.decode_tokens
             store.append_decode(state, k[rows], v[rows], pages)
             out[rows] = store.attend_decode(state, q[rows], pages, self.scale).to(out.dtype)
         return output

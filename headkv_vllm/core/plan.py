@@ -72,6 +72,7 @@ class StepPlan:
     prompt_lens: tuple[int, ...]  # [R]
     prefills: tuple[PrefillPlan, ...]
     decode_tokens: torch.Tensor  # [D] int64 device, step-token row of each decode
+    decode_span: tuple[int, int] | None  # the same rows as a range when they are contiguous
     decode_reqs: torch.Tensor  # [D] int64 device, request row of each decode
     decode_reqs_host: torch.Tensor  # [D] int64 host
     decode_max_len: int  # longest decode head of any layer (sizes the decode grid)
@@ -159,6 +160,9 @@ def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
         for i in prefill_rows
     )
     decode_reqs = is_decode.nonzero().flatten()
+    decode_rows = qsl[decode_reqs].tolist()
+    decode_span = (decode_rows[0], decode_rows[-1] + 1) \
+        if decode_rows and decode_rows[-1] - decode_rows[0] == len(decode_rows) - 1 else None
     decode_max = max((head_max[i] for i in decode_reqs.tolist()), default=0)
     max_pages = max(1, -(-max(head_max, default=0) // block_size))
 
@@ -181,7 +185,7 @@ def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
     return StepPlan(
         num_actual_tokens=inputs.num_actual_tokens, block_size=block_size,
         kept=kept_dev.view(kept.shape), lengths=lengths_dev.view(kept.shape), kept_host=kept, lengths_host=lengths,
-        prompt_lens=tuple(prompt_list), prefills=prefills, decode_tokens=decode_tokens.long(), decode_reqs=decode_reqs_dev.long(),
+        prompt_lens=tuple(prompt_list), prefills=prefills, decode_tokens=decode_tokens.long(), decode_span=decode_span, decode_reqs=decode_reqs_dev.long(),
         decode_reqs_host=decode_reqs, decode_max_len=int(decode_max), max_pages=max_pages,
         prefill_tokens=prefill_tokens_dev.long(), prefill_span=(spans[0][0], spans[-1][1]) if spans and contiguous else None,
         prefill_cu_seqlens=cu_dev, prefill_max_len=max((pf.prompt_len for pf in prefills), default=0),

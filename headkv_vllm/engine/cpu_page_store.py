@@ -127,6 +127,14 @@ class CpuPageStore:
         r, bs = pf.row, self.block_size
         lengths = state.lengths[r]
         caps = (lengths - pf.generated - pf.window).long()  # prefix tokens each head keeps
+        if bool((caps >= pf.prompt_len - pf.window).all()):
+            # every head keeps every token: position p holds step token p
+            p = torch.arange(pf.num_tokens)
+            slots = state.head_blocks[r][:, p // bs].long() * bs + p % bs  # [Hkv, T]
+            d = k.shape[-1]
+            store_tokens(k.transpose(0, 1).reshape(-1, d), v.transpose(0, 1).reshape(-1, d), pages,
+                         slots.flatten(), self.isa)
+            return
         src, valid = select_sources(scores, caps, lengths.long(), pf.max_len)
         p = torch.arange(pf.max_len)
         slots = state.head_blocks[r][:, p // bs].long() * bs + p % bs  # [Hkv, Lmax]
@@ -195,5 +203,5 @@ class CpuPromptAttention:
         key_cache, value_cache = self._scratch[0], self._scratch[1]
         cpu_cache_write(k, v, key_cache, value_cache, slots, self.isa)
         out = torch.empty_like(q)
-        cpu_attention(q.contiguous(), key_cache, value_cache, out, qsl, seq_lens, table, schedule, scale)
+        cpu_attention(q, key_cache, value_cache, out, qsl, seq_lens, table, schedule, scale)
         return out
