@@ -55,3 +55,17 @@ def test_kept_rows_are_reused_for_the_same_requests():
 def test_partial_prefill_is_refused_with_the_reason():
     with pytest.raises(UnsupportedStep, match="only whole-prompt prefills and 1-token decodes"):
         build_step_plan(inputs([(100, 200, 300)]), KeptTable(BUDGETS), block_size=16, device="cpu")
+
+
+def test_first_chunk_of_a_prompt_is_refused():
+    # computed 0 but fewer tokens than the prompt: a chunk, not a whole-prompt prefill
+    with pytest.raises(UnsupportedStep, match="only whole-prompt prefills"):
+        build_step_plan(inputs([(100, 100, 300)]), KeptTable(BUDGETS), block_size=16, device="cpu")
+
+
+def test_contiguous_rows_become_spans():
+    plan = build_step_plan(inputs([(1, 201, 120), (1, 9, 5), (300, 300, 300)]), KeptTable(BUDGETS), 16, "cpu")
+    assert plan.decode_span == (0, 2) and plan.decode_req_span == (0, 2) and plan.prefill_span == (2, 302)
+    plan = build_step_plan(inputs([(1, 201, 120), (300, 300, 300), (1, 9, 5)]), KeptTable(BUDGETS), 16, "cpu")
+    assert plan.decode_span is None and plan.decode_req_span is None
+    assert plan.decode_tokens.tolist() == [0, 301] and plan.decode_reqs.tolist() == [0, 2]

@@ -65,7 +65,7 @@ class HeadAttention:
             if pf.needs_scores[step.layer]:
                 scores = self._window_scores(qr[n - w : n], kr[:n])
             else:
-                scores = torch.zeros(self.num_kv_heads, n - w, device=q.device)
+                scores = torch.zeros(self.num_kv_heads, n - w, dtype=torch.float32, device=q.device)
             store.store_prefill(state, pf, scores, kr, vr, pages)
             if t > n:
                 out[s + n : s + t] = store.attend_recomputed(state, pf, qr[n:], pages, self.scale).to(out.dtype)

@@ -82,11 +82,15 @@ class BlockTablePageStore:
 
     def layer_state(self, plan: StepPlan, layer: int, block_table: torch.Tensor) -> BlockTableLayer:
         kept, lengths = plan.kept[layer], plan.lengths[layer]
-        d = plan.decode_reqs
+        if plan.decode_req_span is not None:  # the usual case: views, no copy of table rows
+            a, b = plan.decode_req_span
+            table, d_kept, d_lengths = block_table[a:b], kept[a:b], lengths[a:b]
+        else:
+            d = plan.decode_reqs
+            table, d_kept, d_lengths = block_table.index_select(0, d), kept.index_select(0, d), lengths.index_select(0, d)
         return BlockTableLayer(
-            block_table=block_table, kept=kept, lengths=lengths,
-            decode_table=block_table.index_select(0, d), decode_kept=kept.index_select(0, d),
-            decode_lengths=lengths.index_select(0, d), decode_max_len=plan.decode_max_len,
+            block_table=block_table, kept=kept, lengths=lengths, decode_table=table, decode_kept=d_kept,
+            decode_lengths=d_lengths, decode_max_len=plan.decode_max_len,
         )
 
     def store_prefill(self, state: BlockTableLayer, pf: PrefillPlan, scores, k, v, pages) -> None:

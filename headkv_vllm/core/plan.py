@@ -75,6 +75,7 @@ class StepPlan:
     decode_span: tuple[int, int] | None  # the same rows as a range when they are contiguous
     decode_reqs: torch.Tensor  # [D] int64 device, request row of each decode
     decode_reqs_host: torch.Tensor  # [D] int64 host
+    decode_req_span: tuple[int, int] | None  # decode request rows as a range when contiguous
     decode_max_len: int  # longest decode head of any layer (sizes the decode grid)
     max_pages: int  # most pages any head of any layer holds
     # The prefills' prompt tokens packed for one variable-length attention call:
@@ -98,9 +99,13 @@ class KeptTable:
         self._by_len: dict[int, torch.Tensor] = {}
         self._last: tuple[tuple[int, ...], torch.Tensor] | None = None
 
+    MAX_PROMPT_LENGTHS = 4096  # cached rows ([L, Hkv] each) before the cache restarts
+
     def one(self, prompt_len: int) -> torch.Tensor:
         t = self._by_len.get(prompt_len)
         if t is None:
+            if len(self._by_len) >= self.MAX_PROMPT_LENGTHS:
+                self._by_len.clear()
             t = self._by_len[prompt_len] = torch.tensor(self.budgets.kept(prompt_len), dtype=torch.int32)
         return t
 
@@ -121,8 +126,9 @@ class UnsupportedStep(RuntimeError):
 
 
 def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
-                    device: torch.device | str) -> StepPlan:
-    """The plan of one step (host work, once per step for all layers)."""
+                    device: torch.device | str, pin_memory: bool = False) -> StepPlan:
+    """The plan of one step (host work, once per step for all layers). ``pin_memory``:
+    stage the host-to-device copy in pinned memory (CUDA, where the platform allows)."""
     qsl = inputs.query_start_loc.long()
     n = qsl.numel() - 1
     qlen = qsl[1:] - qsl[:-1]
@@ -130,7 +136,7 @@ def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
     prompt = inputs.prompt_lens[:n].long()
     prompt = torch.where(prompt > 0, prompt, total)  # unknown (dummy rows): all prompt
     computed = total - qlen
-    is_prefill = (computed == 0) & (qlen > 0)
+    is_prefill = (computed == 0) & (qlen > 0) & (total >= prompt)  # a whole prompt (+ recomputed tokens)
     is_decode = (computed >= prompt) & (qlen == 1)
     bad = (qlen > 0) & ~is_prefill & ~is_decode
     if bool(bad.any()):
@@ -163,6 +169,8 @@ def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
     decode_rows = qsl[decode_reqs].tolist()
     decode_span = (decode_rows[0], decode_rows[-1] + 1) \
         if decode_rows and decode_rows[-1] - decode_rows[0] == len(decode_rows) - 1 else None
+    d_reqs = decode_reqs.tolist()
+    decode_req_span = (d_reqs[0], d_reqs[-1] + 1) if d_reqs and d_reqs[-1] - d_reqs[0] == len(d_reqs) - 1 else None
     decode_max = max((head_max[i] for i in decode_reqs.tolist()), default=0)
     max_pages = max(1, -(-max(head_max, default=0) // block_size))
 
@@ -176,7 +184,9 @@ def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
     parts = [kept.flatten(), lengths.flatten(), qsl[decode_reqs].int(), decode_reqs.int(), prefill_tokens, cu]
     host = torch.cat(parts)
     dev = torch.device(device)
-    if dev.type == "cuda":
+    if dev.type == "cpu":
+        staged = host
+    elif pin_memory:
         staged = host.pin_memory().to(dev, non_blocking=True)
     else:
         staged = host.to(dev)
@@ -186,7 +196,7 @@ def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
         num_actual_tokens=inputs.num_actual_tokens, block_size=block_size,
         kept=kept_dev.view(kept.shape), lengths=lengths_dev.view(kept.shape), kept_host=kept, lengths_host=lengths,
         prompt_lens=tuple(prompt_list), prefills=prefills, decode_tokens=decode_tokens.long(), decode_span=decode_span, decode_reqs=decode_reqs_dev.long(),
-        decode_reqs_host=decode_reqs, decode_max_len=int(decode_max), max_pages=max_pages,
+        decode_reqs_host=decode_reqs, decode_req_span=decode_req_span, decode_max_len=int(decode_max), max_pages=max_pages,
         prefill_tokens=prefill_tokens_dev.long(), prefill_span=(spans[0][0], spans[-1][1]) if spans and contiguous else None,
         prefill_cu_seqlens=cu_dev, prefill_max_len=max((pf.prompt_len for pf in prefills), default=0),
     )

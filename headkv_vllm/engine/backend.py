@@ -58,13 +58,17 @@ class HeadKVMetadataBuilder(AttentionMetadataBuilder[LayerStep]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.layer = kv_cache_spec.layer_index
-        self.planner = StepPlanner(kv_cache_spec.budgets, kv_cache_spec.block_size, device)
-        self.store = choose_page_store(vllm_config, kv_cache_spec, device)
+        self.planner: StepPlanner | None = None
+        self.store: PageStore | None = None
 
     def bind(self, planner: StepPlanner, store: PageStore) -> None:
         self.planner, self.store = planner, store
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> LayerStep:
+        if self.planner is None:  # not bound by the worker: plan alone
+            spec = self.kv_cache_spec
+            self.bind(StepPlanner(spec.budgets, spec.block_size, self.device),
+                      choose_page_store(self.vllm_config, spec, self.device))
         plan = self.planner.plan(common_attn_metadata)
         return LayerStep(plan, self.layer, self.store,
                          self.store.layer_state(plan, self.layer, common_attn_metadata.block_table_tensor))

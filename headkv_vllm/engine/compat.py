@@ -167,7 +167,7 @@ __all__ += [
     "extract_layer_index", "cdiv", "SingleTypeKVCacheManager", "AttentionSpec",
     "FullAttentionSpec", "KVCacheLayout", "MultipleOf", "register_kv_cache_spec",
     "platform_worker_cls", "metadata_builders", "num_prompt_tokens", "request_ids", "seq_lens_cpu",
-    "head_kv_group_layers",
+    "head_kv_group_layers", "pin_memory_available",
 ]
 
 
@@ -208,6 +208,12 @@ def seq_lens_cpu(cm: CommonAttentionMetadata) -> torch.Tensor:
     if cm.seq_lens_cpu_upper_bound is not None:
         return cm.seq_lens_cpu_upper_bound
     return cm.seq_lens.cpu()
+
+
+def pin_memory_available() -> bool:
+    from vllm.utils.platform_utils import is_pin_memory_available
+
+    return is_pin_memory_available()
 
 
 def head_kv_group_layers(model_runner) -> list[tuple[int, int]]:

@@ -48,6 +48,14 @@ def apply_engine_settings(vllm_config, logger) -> None:
     """Engine options HeadKV needs; each change is logged with its reason."""
     sched, cache, par = vllm_config.scheduler_config, vllm_config.cache_config, vllm_config.parallel_config
     max_len = vllm_config.model_config.max_model_len
+    if vllm_config.speculative_config is not None:
+        raise HeadKVConfigError(
+            "--speculative-config: HeadKV does not support speculative decoding (each step must decode one "
+            "token per request); remove --speculative-config or use another --attention-backend.")
+    if par.use_ubatching:
+        raise HeadKVConfigError(
+            "--enable-dbo / --ubatch-size: HeadKV builds one step plan for the whole batch and does not "
+            "support micro-batching; remove those options.")
     if cache.enable_prefix_caching:
         cache.enable_prefix_caching = False
         logger.info("HeadKV: prefix caching disabled: compressed pages are per request and cannot be shared.")

@@ -3,9 +3,12 @@
 vLLM calls every layer's metadata builder in turn with the same step inputs (a
 shallow copy of one ``CommonAttentionMetadata`` per KV-cache group); the first call
 of a step builds the plan, the others reuse it. A step is recognised by the
-identity of its ``query_start_loc_cpu`` tensor, a fresh view per step that every
-group's copy shares; the planner keeps a reference to it, so the identity cannot be
-reused while the plan is cached.
+identity of its ``query_start_loc_cpu`` tensor: vLLM 0.32's model runner slices a
+fresh view of its persistent buffer per ``_build_attention_metadata`` call and
+shallow-copies one ``CommonAttentionMetadata`` per group, so every group of a step
+shares it and no two steps do; the planner keeps a reference to it, so the identity
+cannot be reused while the plan is cached. (Micro-batching would split it per
+micro-batch; HeadKV refuses micro-batching at start-up.)
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from headkv_vllm.engine.compat import (
     head_kv_group_layers,
     logger,
     num_prompt_tokens,
+    pin_memory_available,
     request_ids,
     seq_lens_cpu,
 )
@@ -30,6 +34,7 @@ class StepPlanner:
         self.budgets = budgets
         self.block_size = block_size
         self.device = torch.device(device)
+        self.pin_memory = self.device.type == "cuda" and pin_memory_available()
         self.kept = KeptTable(budgets)
         self.runner = None
         self.builds = 0  # plans built so far (tests count them)
@@ -53,7 +58,7 @@ class StepPlanner:
         prompt = num_prompt_tokens(self.runner, n) if real else torch.zeros(n, dtype=torch.long)
         inputs = StepInputs(query_start_loc=key[: n + 1], seq_lens=total, prompt_lens=prompt,
                             num_actual_tokens=cm.num_actual_tokens)
-        plan = build_step_plan(inputs, self.kept, self.block_size, self.device)
+        plan = build_step_plan(inputs, self.kept, self.block_size, self.device, self.pin_memory)
         if real:
             self._check_pages(plan, n)
             self._log_prefills(plan)
