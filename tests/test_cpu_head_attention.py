@@ -71,6 +71,8 @@ def test_cpu_prompt_attention_equals_sdpa(num_q_heads, num_kv_heads):
     plan = build_step_plan(StepInputs(qsl, torch.tensor(lens), torch.tensor(lens), int(qsl[-1])),
                            KeptTable(Budgets(caps=((1,) * num_kv_heads,), window=4)), bs, "cpu")
     attend = CpuPromptAttention(torch.float32, d, num_q_heads, num_kv_heads)
+    # a scratch cache as reused or uninitialised memory can leave it: NaN everywhere
+    attend._scratch = torch.full((2, 64, num_kv_heads, attend.block_size, d), float("nan"))
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
         m = int(qsl[-1])

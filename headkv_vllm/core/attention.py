@@ -17,6 +17,7 @@ from headkv_vllm.core.page_store import PageStore
 from headkv_vllm.core.plan import StepPlan
 from headkv_vllm.kernels import window_scores as _scores
 
+
 @dataclass(frozen=True)
 class LayerStep:
     """A layer's view of the step: the shared plan, the layer index and the store's

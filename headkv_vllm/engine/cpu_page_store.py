@@ -202,15 +202,20 @@ class CpuPromptAttention:
             qsl = plan.prefill_cu_seqlens.to(torch.int32)
             schedule = cpu_attention_schedule(seq_lens, qsl, self.num_heads, self.num_kv_heads, self.head_size,
                                               self.dtype, self.isa)
-            self._step = (plan, (sum(blocks), slots, table, seq_lens, qsl, schedule))
+            last = torch.tensor([b + nb - 1 for b, nb in zip(first, blocks)])
+            self._step = (plan, (sum(blocks), slots, last, table, seq_lens, qsl, schedule))
         return self._step[1]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, scale: float) -> torch.Tensor:
-        num_blocks, slots, table, seq_lens, qsl, schedule = self._layout(plan)
+        num_blocks, slots, last, table, seq_lens, qsl, schedule = self._layout(plan)
         if self._scratch is None or self._scratch.shape[1] < num_blocks or self._scratch.dtype != k.dtype:
             self._scratch = torch.empty(2, num_blocks, self.num_kv_heads, self.block_size, self.head_size,
                                         dtype=k.dtype)
         key_cache, value_cache = self._scratch[0], self._scratch[1]
+        # The op reads whole blocks: the unused tail of each prompt's last block must be
+        # finite (stale or uninitialised memory can hold NaN, which masking does not stop).
+        key_cache[last] = 0
+        value_cache[last] = 0
         cpu_cache_write(k, v, key_cache, value_cache, slots, self.isa)
         out = torch.empty_like(q)
         cpu_attention(q, key_cache, value_cache, out, qsl, seq_lens, table, schedule, scale)
