@@ -6,8 +6,11 @@ setup(
     description="HeadKV head-level KV-cache compression as a vLLM plugin",
     python_requires=">=3.10",
     packages=["headkv_vllm", "headkv_vllm.core", "headkv_vllm.engine", "headkv_vllm.method",
-              "headkv_vllm.tools", "headkv_vllm.kernels"],
-    package_dir={"headkv_vllm.kernels": "kernels"},
+              "headkv_vllm.tools", "headkv_vllm.kernels", "headkv_vllm.configs"],
+    # kernels/ and configs/ (the shipped head-score files) are top-level folders installed
+    # inside the package; the engine finds score files through headkv_vllm.configs.
+    package_dir={"headkv_vllm.kernels": "kernels", "headkv_vllm.configs": "configs"},
+    package_data={"headkv_vllm.configs": ["*.json"]},
     install_requires=["vllm==0.32.*"],
     extras_require={
         "convert": ["gguf>=0.17", "accelerate>=1.0"],

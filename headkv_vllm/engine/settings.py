@@ -7,8 +7,8 @@ from pathlib import Path
 
 from headkv_vllm.method.budgets import POLICIES, Budgets, policy_budgets
 from headkv_vllm.method.config import CONFIG_KEY, HeadKVConfig, HeadKVConfigError
-from headkv_vllm.method.scores import (ModelIdentity, ScoreFileError, available_score_files, find_score_file,
-                                       identity_from_hf_config, load_scores)
+from headkv_vllm.method.scores import (ModelIdentity, ScoreFileError, find_score_file, identity_from_hf_config,
+                                       load_scores, score_files_note)
 
 WORKER_CLS = "headkv_vllm.engine.worker.HeadKVWorker"
 DEFAULT_BLOCK_SIZE = 16  # partially filled last pages cost ~1-4% at an average budget of 128
@@ -23,7 +23,7 @@ def resolve_budgets(config: HeadKVConfig, model: ModelIdentity) -> tuple[Budgets
         raise HeadKVConfigError(
             f"{config.source} key '{CONFIG_KEY}': policy 'headkv' needs head scores, and no file in configs/ "
             f"matches the model '{model.name}' ({model.num_layers} layers, {model.num_query_heads} query heads, "
-            f"{model.num_kv_heads} KV heads, head_dim {model.head_dim}). Available: {available_score_files() or 'none'}. "
+            f"{model.num_kv_heads} KV heads, head_dim {model.head_dim}). {score_files_note()} "
             f"Fix: set 'scores' to a score file for this model (`headkv-vllm score-heads`), "
             f"or use 'policy': 'snapkv' or 'pyramidkv'."
         )

@@ -1,4 +1,9 @@
-"""Head-score files in ``configs/``: the reader the engine uses at start-up.
+"""Head-score files: the reader the engine uses at start-up.
+
+The engine looks for a score file for the served model in the package's score files
+(:data:`CONFIG_DIR`, the package ``headkv_vllm.configs``: the repository's top-level
+``configs/`` folder, which setup.py installs inside the package); a file anywhere else
+is used when the ``scores`` setting names it.
 
 Format (JSON, one object):
 
@@ -27,13 +32,23 @@ them, the reader checks that ``kv_head_scores`` is their aggregation. Other keys
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import math
+import os
 from pathlib import Path
 
 FORMAT = "headkv-scores/1"
 KV_AGGREGATION = "sum"
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _shipped_config_dir() -> Path:
+    """The folder of the package ``headkv_vllm.configs``: ``<site-packages>/headkv_vllm/configs``
+    in an installed wheel, the repository's ``configs/`` in an editable install."""
+    return Path(os.fspath(importlib.resources.files("headkv_vllm.configs")))
+
+
+CONFIG_DIR = _shipped_config_dir()
 
 
 class ScoreFileError(ValueError):
@@ -106,7 +121,7 @@ def read_json(path: Path, not_found: str, invalid_fix: str = ""):
 def load_scores(path: str | Path) -> HeadScores:
     path = Path(path)
     if not path.exists():
-        raise ScoreFileError(f"{path}: no such score file. Available: {available_score_files()}")
+        raise ScoreFileError(f"{path}: no such score file. {score_files_note()}")
     data = read_json(path, "no such score file.", " Regenerate it with `headkv-vllm score-heads`.")
 
     def need(key, kind, where=data, prefix=""):
@@ -230,11 +245,35 @@ def _dump(data: dict) -> str:
 
 
 def available_score_files() -> list[str]:
+    """Paths of the score files the engine looks through (those in :data:`CONFIG_DIR`)."""
     return sorted(str(p) for p in CONFIG_DIR.glob("*.json"))
 
 
+def score_files_note() -> str:
+    """Where the engine looks for score files and what it finds there (for error messages)."""
+    names = [Path(p).name for p in available_score_files()]
+    return f"Score files in {CONFIG_DIR}: {', '.join(names) or 'none'}."
+
+
+def lookup_help() -> str:
+    """Where the engine finds score files (for the help of the tools that write one)."""
+    return (f"The engine picks a score file for the served model by itself only from the package's score "
+            f"files in {CONFIG_DIR} (the repository's configs/ folder in an editable install, so a file written "
+            f"to the default output from the repository's root is found); to serve with a file anywhere else, "
+            f"""set the HeadKV setting 'scores' to its path (--additional-config '{{"headkv": {{"scores": PATH}}}}').""")
+
+
+def engine_lookup_note(path: Path) -> str:
+    """What the engine does with a score file written to ``path`` (for the tools that write one)."""
+    path = Path(path).resolve()
+    if path.parent == CONFIG_DIR.resolve():
+        return f"the engine finds it by itself for this model ({CONFIG_DIR})"
+    return (f"the engine finds score files by itself only in {CONFIG_DIR}; to serve with this one, "
+            f"set the HeadKV setting 'scores' to {str(path)!r}")
+
+
 def find_score_file(model: ModelIdentity, probe: str = "R2", other_probes: bool = True) -> Path | None:
-    """The score file in ``configs/`` made for ``model`` (same shape; same name, an ``org/`` prefix
+    """The score file in :data:`CONFIG_DIR` made for ``model`` (same shape; same name, an ``org/`` prefix
     aside): one made with ``probe`` if there is one, else (with ``other_probes``) one made with another."""
     matches = []
     for p in sorted(CONFIG_DIR.glob("*.json")):

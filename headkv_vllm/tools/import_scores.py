@@ -1,4 +1,4 @@
-"""``headkv-vllm import-scores``: convert a published HeadKV score file into ``configs/`` format.
+"""``headkv-vllm import-scores``: convert a published HeadKV score file into the engine's score-file format.
 
 The published files (HeadKV's repository, one per model and probe) are JSON dicts
 "layer-head" -> list of per-trial scores, per QUERY head. A head's score is the
@@ -18,7 +18,8 @@ import shlex
 import statistics
 from pathlib import Path
 
-from headkv_vllm.method.scores import CONFIG_DIR, ModelIdentity, ScoreFileError, read_json, write_scores
+from headkv_vllm.method.scores import (ModelIdentity, ScoreFileError, engine_lookup_note, lookup_help, read_json,
+                                       write_scores)
 
 # num_kv_heads, head_dim of the models the authors published scores for (their config.json)
 KNOWN_SHAPES = {"Meta-Llama-3-8B-Instruct": (8, 128), "Mistral-7B-Instruct-v0.2": (8, 128)}
@@ -88,10 +89,11 @@ def parse_args(argv):
         prog="headkv-vllm import-scores",
         description="Convert a published HeadKV score file (JSON \"layer-head\" -> per-trial scores, per "
         "query head) into a score file the engine reads, with per-query-head scores and their "
-        "KV-head aggregation (sum over each GQA group).",
+        "KV-head aggregation (sum over each GQA group). " + lookup_help(),
     )
     p.add_argument("source", type=Path, help="published score file, e.g. Meta-Llama-3-8B-Instruct_retrieval_reasoning_heads.json")
-    p.add_argument("--output", type=Path, help="file to write (default: configs/<name>_<probe>.json)")
+    p.add_argument("--output", type=Path, help="file to write (default: configs/<name>_<probe>.json under the "
+                   "current directory)")
     p.add_argument("--name", help="model name the engine matches (the served model's folder or repo name; "
                    "default: from the file name)")
     p.add_argument("--probe", choices=("R", "R2"), help="default: from the file name (retrieval_reasoning -> R2)")
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(scores[0]) % num_kv_heads:
             raise ScoreFileError(f"{len(scores[0])} query heads cannot be grouped over {num_kv_heads} KV heads.")
         model = ModelIdentity(name, len(scores), len(scores[0]), num_kv_heads, head_dim)
-        output = args.output or CONFIG_DIR / f"{name}_{probe}.json"
+        output = args.output or Path("configs") / f"{name}_{probe}.json"
         write_scores(
             output, model, probe, scores, trials=trials,
             command="headkv-vllm import-scores " + shlex.join(argv), source=args.source.name,
@@ -123,5 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"import-scores: {e}") from None
     zero = sum(s == 0 for row in scores for s in row)
     print(f"{name} ({probe}): {model.num_layers} layers x {model.num_query_heads} query heads -> "
-          f"{num_kv_heads} KV heads, {trials} trials per head, {zero} heads score 0; wrote {output}")
+          f"{num_kv_heads} KV heads, {trials} trials per head, {zero} heads score 0; wrote {output}; "
+          f"{engine_lookup_note(output)}")
     return 0

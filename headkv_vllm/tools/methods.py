@@ -14,7 +14,7 @@ import json
 import types
 from pathlib import Path
 
-from headkv_vllm.method.scores import ModelIdentity, find_score_file, identity_from_hf_config
+from headkv_vllm.method.scores import ModelIdentity, find_score_file, identity_from_hf_config, score_files_note
 
 FULL = "full"
 POLICY_OF = {"snapkv": "snapkv", "pyramidkv": "pyramidkv", "headkv-r": "headkv", "headkv-r2": "headkv"}
@@ -66,7 +66,7 @@ def model_identity(model_dir: str | Path) -> ModelIdentity:
 
 
 def find_probe_scores(model: ModelIdentity, probe: str) -> Path | None:
-    """The score file in ``configs/`` for ``model`` made with exactly ``probe`` ("R" or "R2"),
+    """The shipped score file (``scores.CONFIG_DIR``) for ``model`` made with exactly ``probe`` ("R" or "R2"),
     relative to the working directory when it is below it (as the settings name it)."""
     path = find_score_file(model, probe, other_probes=False)
     if path is None:
@@ -77,7 +77,7 @@ def find_probe_scores(model: ModelIdentity, probe: str) -> Path | None:
 def build_methods(names: list[str], kv_sizes: list[int], model: ModelIdentity, score_files: dict[str, str | None],
                   extra_settings: dict | None = None) -> list[Method]:
     """One :class:`Method` per (name, KV size); the full cache once. ``score_files`` maps
-    'headkv-r' / 'headkv-r2' to a path, or None to look in ``configs/``."""
+    'headkv-r' / 'headkv-r2' to a path, or None to look in the shipped score files."""
     methods = []
     for name in names:
         if name == FULL:
@@ -89,6 +89,7 @@ def build_methods(names: list[str], kv_sizes: list[int], model: ModelIdentity, s
             if path is None:
                 raise MethodError(
                     f"--methods {name}: no '{PROBE_OF[name]}' score file for {model.name} in configs/. "
+                    f"{score_files_note()} "
                     f"Pass --scores-{name.split('-')[1]} FILE (made by `headkv-vllm score-heads`) or leave {name} out.")
             settings["scores"] = str(path)
         methods += [Method(name, k, {**settings, "kv_size": k}) for k in kv_sizes]

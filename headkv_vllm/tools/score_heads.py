@@ -24,7 +24,8 @@ from pathlib import Path
 
 from headkv_vllm.tools.needle import Needle
 from headkv_vllm.tools.probes import NEEDLES, PROBES, PromptBuilder, Trial, depths, grid, is_correct, lengths
-from headkv_vllm.method.scores import CONFIG_DIR, ScoreFileError, identity_from_hf_config, write_scores
+from headkv_vllm.method.scores import (ScoreFileError, engine_lookup_note, identity_from_hf_config, lookup_help,
+                                       write_scores)
 
 TRIALS_FORMAT = "headkv-score-trials/1"
 LENGTH_MARGIN = 16  # tokens kept free below the model's context besides the answer
@@ -173,11 +174,13 @@ def parse_args(argv):
         prog="headkv-vllm score-heads",
         description="Compute HeadKV head-importance scores for a Hugging Face causal LM with the "
         "retrieval (R) or retrieval-reasoning (R2) needle-in-a-haystack probe, and write a score "
-        "file the engine reads (default: configs/<model>_<probe>.json).",
+        "file the engine reads (default: configs/<model>_<probe>.json under the current directory). "
+        + lookup_help(),
     )
     p.add_argument("model", help="model folder or Hugging Face id (transformers must load it)")
     p.add_argument("--probe", choices=PROBES, default="R2", help="R = retrieval, R2 = retrieval-reasoning (default)")
-    p.add_argument("--output", type=Path, help="score file to write (default: configs/<model>_<probe>.json)")
+    p.add_argument("--output", type=Path, help="score file to write (default: configs/<model>_<probe>.json "
+                   "under the current directory)")
     p.add_argument("--trials-file", type=Path, help="per-trial results, appended as they finish, read to resume "
                    "(default: <output>.trials.jsonl)")
     p.add_argument("--min-length", type=int, default=1000, help="shortest context in tokens (default 1000)")
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, device, args.dtype)
     identity = identity_from_hf_config(model.config.get_text_config(), Path(args.model.rstrip("/")).name)
-    output = args.output or CONFIG_DIR / f"{identity.name}_{args.probe}.json"
+    output = args.output or Path("configs") / f"{identity.name}_{args.probe}.json"
     trials_path = args.trials_file or output.with_name(output.name + ".trials.jsonl")
 
     runner = ProbeRunner(model, tokenizer, args.probe, haystack_text())
@@ -261,5 +264,5 @@ def main(argv: list[str] | None = None) -> int:
         seconds=round(sum(r["seconds"] for r in records), 1),
         device=device,
     )
-    print(f"{kept} of {len(records)} trials answered correctly; wrote {path}")
+    print(f"{kept} of {len(records)} trials answered correctly; wrote {path}; {engine_lookup_note(path)}")
     return 0
