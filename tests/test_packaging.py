@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_dockerfile_base_image_matches_pinned_vllm():
     text = (ROOT / "Dockerfile").read_text()
     tag = re.search(r"^ARG VLLM_VERSION=v(\S+)$", text, re.M).group(1)
-    assert re.search(r"^FROM vllm/vllm-openai:\$\{VLLM_VERSION\}$", text, re.M)
+    stages = re.findall(r"^FROM (.*)$", text, re.M)  # the wheel's build stage and the served image
+    assert stages and all(re.fullmatch(r"vllm/vllm-openai:\$\{VLLM_VERSION\}( AS \w+)?", s) for s in stages), stages
+    assert stages[-1] == "vllm/vllm-openai:${VLLM_VERSION}"  # the served image is the last stage
     assert tag.startswith(SUPPORTED_VLLM)
     assert "--attention-backend headkv" in text
 
