@@ -25,16 +25,3 @@ def test_section_must_be_an_object(bad):
 def test_additional_config_must_be_an_object():
     with pytest.raises(HeadKVConfigError, match="must be a JSON object"):
         HeadKVConfig.from_additional_config(["headkv"])
-
-
-@pytest.mark.parametrize("speculative, ubatching, option", [(object(), False, "--speculative-config"),
-                                                            (None, True, "--enable-dbo")])
-def test_engine_options_headkv_cannot_serve_are_refused(speculative, ubatching, option):
-    from types import SimpleNamespace
-
-    from headkv_vllm.engine.settings import apply_engine_settings
-
-    config = SimpleNamespace(speculative_config=speculative, parallel_config=SimpleNamespace(use_ubatching=ubatching),
-                             scheduler_config=None, cache_config=None, model_config=SimpleNamespace(max_model_len=64))
-    with pytest.raises(HeadKVConfigError, match=option):
-        apply_engine_settings(config, logger=None)

@@ -76,7 +76,7 @@ class Scenario:
 
 def run(store, scenario: Scenario, steps: int, guard=None):
     """Drive every layer of every step through the core; returns outputs [step][layer]."""
-    attention = HeadAttention(HQ, HKV, D, SCALE, pool_kernel=3, use_triton=getattr(store, "use_triton", None))
+    attention = HeadAttention(HQ, HKV, D, SCALE, pool_kernel=3)
     pages = torch.zeros(NUM_BLOCKS, 2, BS, D)  # one pool: every layer's view aliases it
     kept_table = KeptTable(BUDGETS)
     outputs = []

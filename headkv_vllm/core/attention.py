@@ -42,7 +42,6 @@ class HeadAttention:
     head_size: int
     scale: float
     pool_kernel: int
-    use_triton: bool | None = None  # as in BlockTablePageStore: None = Triton on CUDA tensors
 
     def forward(self, step: LayerStep, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 pages: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -64,7 +63,7 @@ class HeadAttention:
             s, n, t, w = pf.start, pf.prompt_len, pf.num_tokens, pf.window
             qr, kr, vr = q[s : s + t], k[s : s + t], v[s : s + t]
             if pf.needs_scores[step.layer]:
-                scores = self._window_scores(qr[n - w : n], kr[:n])
+                scores = self._window_scores(qr[n - w : n], kr[:n], store.use_triton)
             else:
                 scores = torch.zeros(self.num_kv_heads, n - w, dtype=torch.float32, device=q.device)
             store.store_prefill(state, pf, scores, kr, vr, pages)
@@ -76,7 +75,7 @@ class HeadAttention:
             out[rows] = store.attend_decode(state, q[rows], pages, self.scale).to(out.dtype)
         return output
 
-    def _window_scores(self, q_win: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        triton = k.is_cuda if self.use_triton is None else self.use_triton
+    def _window_scores(self, q_win: torch.Tensor, k: torch.Tensor, use_triton: bool | None) -> torch.Tensor:
+        triton = k.is_cuda if use_triton is None else use_triton
         op = _scores.window_scores_triton if triton else _scores.window_scores_ref
         return op(q_win, k, self.scale, self.pool_kernel)

@@ -32,6 +32,10 @@ from headkv_vllm.kernels.head_page_rows import head_page_slots
 
 
 class PageStore(Protocol):
+    # Which kernels the layer's other ops (window scores) use with this store: None =
+    # Triton for CUDA tensors, the PyTorch references otherwise; True = always Triton.
+    use_triton: bool | None
+
     def attend_prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan,
                        scale: float) -> torch.Tensor:
         """Causal attention of every prefill over its whole prompt, the prompts packed

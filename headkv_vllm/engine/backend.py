@@ -23,6 +23,7 @@ from headkv_vllm.core.prompt_attention import sdpa_prefill
 from headkv_vllm.engine.compat import (
     BACKEND_NAME,
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionMetadataBuilder,
     AttentionType,
@@ -32,19 +33,21 @@ from headkv_vllm.engine.compat import (
     get_current_vllm_config,
 )
 from headkv_vllm.engine.cpu_page_store import CpuPageStore
+from headkv_vllm.engine.kv_spec import HeadKVSpec
 from headkv_vllm.engine.step_planner import StepPlanner
 
 
 def choose_page_store(vllm_config, kv_cache_spec, device) -> PageStore:
     """The block-table store on CUDA (or when the ``page_store`` setting says
-    ``block-table``), vLLM's CPU ops on the CPU."""
+    ``block-table`` or ``block-table-triton``), vLLM's CPU ops on the CPU."""
     from headkv_vllm.method.config import HeadKVConfig
 
     config = HeadKVConfig.from_additional_config(vllm_config.additional_config)
     bs, head_size, model = kv_cache_spec.block_size, kv_cache_spec.head_size, vllm_config.model_config
-    if torch.device(device).type != "cpu" or config.page_store == "block-table":
+    if torch.device(device).type != "cpu" or config.page_store != "auto":
         flash = flash_prefill_attention(model.dtype, head_size)
-        return BlockTablePageStore(bs, prompt_attention=flash or sdpa_prefill)
+        use_triton = True if config.page_store == "block-table-triton" else None
+        return BlockTablePageStore(bs, use_triton=use_triton, prompt_attention=flash or sdpa_prefill)
     num_heads = model.get_num_attention_heads(vllm_config.parallel_config)
     return CpuPageStore(model.dtype, bs, head_size, num_heads, kv_cache_spec.num_kv_heads)
 
@@ -53,10 +56,20 @@ class HeadKVMetadataBuilder(AttentionMetadataBuilder[LayerStep]):
     """Per layer and step: the shared step plan plus the page store's state for this
     layer's block table. The worker binds one ``StepPlanner`` and one page store to
     every builder; an unbound builder (a KV cache vLLM builds for itself, e.g. to
-    profile) plans on its own."""
+    profile CUDA-graph memory) plans on its own.
+
+    No CUDA graph ever holds HeadKV attention: the step plan is built on the host
+    from each step's lengths. vLLM then captures piecewise graphs around the
+    attention layers (its default FULL_AND_PIECEWISE resolves to PIECEWISE)."""
+
+    _cudagraph_support = AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if not isinstance(kv_cache_spec, HeadKVSpec):
+            raise RuntimeError(
+                f"HEADKV layers {layer_names} got a {type(kv_cache_spec).__name__}: a KV cache was built from "
+                "specs that did not pass through HeadKVWorker (engine.compat patch 5b).")
         self.layer = kv_cache_spec.layer_index
         self.planner: StepPlanner | None = None
         self.store: PageStore | None = None

@@ -20,6 +20,12 @@ Patches (each applied once per process, idempotently, from ``register()``):
    prefix caching) applied once, in the first process, before the engine starts.
    How: wrapped; calls the plugin's hook after the platform's own checks.
    Remove when: vLLM offers a config hook to general plugins.
+3b. ``VllmConfig._get_v2_model_runner_unsupported_features``.
+   Why: Model Runner V2 is vLLM's default on CUDA; HeadKV reads the V1 runner's
+   input batch (prompt lengths, request ids, block-table row counts).
+   How: wrapped; lists the HEADKV backend as unsupported when it is selected, so
+   vLLM itself picks V1 before the engine starts and logs why.
+   Remove when: HeadKV supports V2's input buffers.
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ __all__ = [
     "wrap_check_and_update_config",
     "dense_backend_cls",
     "selected_backend_name",
+    "keep_headkv_on_v1_runner",
+    "uses_v2_model_runner",
+    "parallel_sizes",
 ]
 
 SUPPORTED_VLLM = "0.32."
@@ -129,6 +138,38 @@ def wrap_check_and_update_config(hook: Callable[[VllmConfig], None]) -> None:
     cls._headkv_config_hooked = True
 
 
+def keep_headkv_on_v1_runner() -> None:
+    """Make vLLM choose Model Runner V1 when HEADKV is selected (patch 3b, below)."""
+    cls = VllmConfig
+    if getattr(cls, "_headkv_v1_runner", False):
+        return
+    original = cls._get_v2_model_runner_unsupported_features
+
+    def unsupported_features(self) -> list[str]:
+        features = original(self)
+        if selected_backend_name(self) == BACKEND_NAME:
+            features.append(f"the {BACKEND_NAME} attention backend (it reads the V1 runner's input batch)")
+        return features
+
+    cls._get_v2_model_runner_unsupported_features = unsupported_features
+    cls._headkv_v1_runner = True
+
+
+def uses_v2_model_runner(vllm_config: VllmConfig) -> bool:
+    return vllm_config.use_v2_model_runner
+
+
+def parallel_sizes(vllm_config: VllmConfig) -> dict[str, int]:
+    """The parallelism HeadKV cannot split yet, by the option that sets it."""
+    par = vllm_config.parallel_config
+    return {
+        "--tensor-parallel-size": par.tensor_parallel_size,
+        "--pipeline-parallel-size": par.pipeline_parallel_size,
+        "--decode-context-parallel-size": par.decode_context_parallel_size,
+        "--prefill-context-parallel-size": par.prefill_context_parallel_size,
+    }
+
+
 def dense_backend_cls() -> type[AttentionBackend]:
     """The stock dense attention backend of this platform (the no-compression path)."""
     if current_platform.is_cpu():
@@ -154,6 +195,12 @@ def dense_backend_cls() -> type[AttentionBackend]:
 #    to the metadata builders.
 #    Remove when: ``CommonAttentionMetadata`` carries prompt lengths and backends
 #    can customise specs per layer.
+# 5b. The model runner's ``get_kv_cache_spec`` (per runner instance).
+#    Why: vLLM also builds KV caches from the runner's specs, not the worker's: the
+#    CUDA-graph memory profile (``_init_minimal_kv_cache_for_profiling``) does, and
+#    stock ``FullAttentionSpec``s there would give HeadKV's builders no budgets.
+#    How: the worker wraps its runner's method once, so every caller gets head specs.
+#    Remove when: vLLM lets a backend customise specs per layer.
 # ---------------------------------------------------------------------------
 
 from vllm.model_executor.models.utils import extract_layer_index  # noqa: E402
@@ -161,13 +208,15 @@ from vllm.utils.import_utils import resolve_obj_by_qualname  # noqa: E402
 from vllm.utils.math_utils import cdiv  # noqa: E402
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager  # noqa: E402
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheLayout  # noqa: E402
-from vllm.v1.attention.backend import MultipleOf  # noqa: E402
+from vllm.config import set_current_vllm_config  # noqa: E402
+from vllm.v1.attention.backend import AttentionCGSupport, MultipleOf  # noqa: E402
 
 __all__ += [
     "extract_layer_index", "cdiv", "SingleTypeKVCacheManager", "AttentionSpec",
     "FullAttentionSpec", "KVCacheLayout", "MultipleOf", "register_kv_cache_spec",
     "platform_worker_cls", "metadata_builders", "num_prompt_tokens", "request_ids", "seq_lens_cpu",
-    "head_kv_group_layers", "pin_memory_available",
+    "head_kv_group_layers", "pin_memory_available", "wrap_runner_kv_cache_spec", "init_profiling_kv_cache",
+    "dummy_run", "AttentionCGSupport",
 ]
 
 
@@ -177,6 +226,30 @@ def register_kv_cache_spec(spec_cls, manager_cls) -> None:
 
     register_all_kvcache_specs(None)
     KVCacheSpecRegistry.register(spec_cls, manager_cls, uniform_type_base_spec=spec_cls)
+
+
+def wrap_runner_kv_cache_spec(model_runner, convert: Callable[[dict], dict]) -> None:
+    """``model_runner.get_kv_cache_spec()`` returns ``convert(<the runner's own specs>)``."""
+    if getattr(model_runner, "_headkv_specs_wrapped", False):
+        return
+    original = model_runner.get_kv_cache_spec
+    model_runner.get_kv_cache_spec = lambda: convert(original())
+    model_runner._headkv_specs_wrapped = True
+
+
+def init_profiling_kv_cache(model_runner) -> None:
+    """What the CUDA-graph memory profile builds first: a minimal KV cache from the
+    runner's specs (``GPUModelRunner.profile_cudagraph_memory``)."""
+    with set_current_vllm_config(model_runner.vllm_config):
+        model_runner._init_minimal_kv_cache_for_profiling()
+
+
+def dummy_run(model_runner, num_tokens: int, uniform_decode: bool = False, mixed: bool = False) -> None:
+    """A dummy batch as vLLM's warm-ups and graph captures run it, with attention
+    metadata built (``force_attention``, as for full CUDA graphs and kernel warm-up)."""
+    with set_current_vllm_config(model_runner.vllm_config):
+        model_runner._dummy_run(num_tokens, force_attention=True, uniform_decode=uniform_decode,
+                                create_mixed_batch=mixed, skip_eplb=True, is_profile=True)
 
 
 def platform_worker_cls() -> type:

@@ -64,6 +64,8 @@ class CpuLayer:
 
 
 class CpuPageStore:
+    use_triton = None  # window scores: the PyTorch reference on CPU tensors
+
     def __init__(self, dtype: torch.dtype, block_size: int, head_size: int, num_heads: int, num_kv_heads: int):
         self.dtype, self.block_size, self.head_size = dtype, block_size, head_size
         self.queries_per_kv = num_heads // num_kv_heads

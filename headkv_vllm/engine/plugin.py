@@ -32,6 +32,7 @@ def register() -> None:
     compat.register_backend_member(BACKEND_PATH)
     compat.route_cpu_platform_to(BACKEND_PATH)
     compat.wrap_check_and_update_config(on_engine_config)
+    compat.keep_headkv_on_v1_runner()
     from headkv_vllm.engine.kv_spec import register_head_spec
 
     register_head_spec()

@@ -3,6 +3,7 @@ and the engine options HeadKV needs (applied once, in the first process)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from headkv_vllm.method.budgets import POLICIES, Budgets, policy_budgets
@@ -46,8 +47,27 @@ def headkv_from_vllm_config(vllm_config) -> tuple[HeadKVConfig, Budgets, str]:
 
 def apply_engine_settings(vllm_config, logger) -> None:
     """Engine options HeadKV needs; each change is logged with its reason."""
+    from headkv_vllm.engine import compat
+
     sched, cache, par = vllm_config.scheduler_config, vllm_config.cache_config, vllm_config.parallel_config
     max_len = vllm_config.model_config.max_model_len
+    too_parallel = {k: v for k, v in compat.parallel_sizes(vllm_config).items() if v > 1}
+    if too_parallel:
+        opts = ", ".join(f"{k} {v}" for k, v in too_parallel.items())
+        raise HeadKVConfigError(
+            f"{opts}: HeadKV runs on one GPU per model replica for now (its head budgets and page "
+            f"accounting are not split across ranks yet). Remove {', '.join(too_parallel)}.")
+    if compat.uses_v2_model_runner(vllm_config):
+        raise HeadKVConfigError(
+            "VLLM_USE_V2_MODEL_RUNNER=1: HeadKV runs on Model Runner V1 (it reads V1's input batch); "
+            "unset VLLM_USE_V2_MODEL_RUNNER and vLLM picks V1 for HEADKV by itself.")
+    config = HeadKVConfig.from_additional_config(vllm_config.additional_config)
+    if config.page_store == "block-table-triton" and compat.current_platform.is_cpu() \
+            and os.environ.get("TRITON_INTERPRET") != "1":
+        raise HeadKVConfigError(
+            f"{config.source} key '{CONFIG_KEY}' setting 'page_store' is 'block-table-triton': on the CPU "
+            "its Triton kernels run only in Triton's interpreter. Set TRITON_INTERPRET=1 in the engine's "
+            "environment, or use 'page_store': 'block-table' (the kernels' PyTorch references).")
     if vllm_config.speculative_config is not None:
         raise HeadKVConfigError(
             "--speculative-config: HeadKV does not support speculative decoding (each step must decode one "
@@ -72,18 +92,12 @@ def apply_engine_settings(vllm_config, logger) -> None:
         )
     if not cache.user_specified_block_size:
         cache.block_size = DEFAULT_BLOCK_SIZE
-    if par.worker_cls in ("auto", _qualname(_platform_worker())):
+    if par.worker_cls in ("auto", _qualname(compat.platform_worker_cls())):
         par.worker_cls = WORKER_CLS
     elif par.worker_cls != WORKER_CLS:
         raise HeadKVConfigError(
             f"--worker-cls {par.worker_cls}: HeadKV needs its own worker ({WORKER_CLS}); remove --worker-cls."
         )
-
-
-def _platform_worker():
-    from headkv_vllm.engine.compat import platform_worker_cls
-
-    return platform_worker_cls()
 
 
 def _qualname(cls) -> str:

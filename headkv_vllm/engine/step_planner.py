@@ -55,7 +55,14 @@ class StepPlanner:
         n = cm.num_reqs
         total = seq_lens_cpu(cm)[:n]
         real = self.runner is not None and n > 0 and len(request_ids(self.runner)) >= n
-        prompt = num_prompt_tokens(self.runner, n) if real else torch.zeros(n, dtype=torch.long)
+        if real:
+            prompt = num_prompt_tokens(self.runner, n)
+        else:
+            # A dummy batch (profiling, graph capture, warm-up): no requests, made-up
+            # lengths, zeroed block tables. Planned as fresh prompts of its query
+            # tokens, so every write lands in block 0, vLLM's never-allocated null block.
+            total = key[1 : n + 1] - key[:n]
+            prompt = total
         inputs = StepInputs(query_start_loc=key[: n + 1], seq_lens=total, prompt_lens=prompt,
                             num_actual_tokens=cm.num_actual_tokens)
         plan = build_step_plan(inputs, self.kept, self.block_size, self.device, self.pin_memory)

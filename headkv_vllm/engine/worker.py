@@ -11,14 +11,17 @@ from headkv_vllm.engine.compat import (
     logger,
     metadata_builders,
     platform_worker_cls,
+    wrap_runner_kv_cache_spec,
 )
 
 
 class HeadKVWorker(platform_worker_cls()):
-    def get_kv_cache_spec(self):
-        config, budgets, self._budget_origin = headkv_from_vllm_config(self.vllm_config)
-        self._headkv_config, self._budgets = config, budgets
-        return to_head_specs(super().get_kv_cache_spec(), budgets)
+    def init_device(self):
+        super().init_device()
+        self._headkv_config, self._budgets, self._budget_origin = headkv_from_vllm_config(self.vllm_config)
+        # Every KV cache vLLM builds from this runner (the CUDA-graph memory profile's
+        # included) gets head-page specs.
+        wrap_runner_kv_cache_spec(self.model_runner, lambda specs: to_head_specs(specs, self._budgets))
 
     def initialize_from_config(self, kv_cache_config) -> None:
         sizes = kv_cache_group_sizes(kv_cache_config)

@@ -14,7 +14,7 @@ import typing
 from typing import Any, Mapping
 
 CONFIG_KEY = "headkv"
-PAGE_STORES = ("auto", "block-table")
+PAGE_STORES = ("auto", "block-table", "block-table-triton")
 
 
 class HeadKVConfigError(ValueError):
@@ -34,9 +34,11 @@ class HeadKVConfig:
     window:       observation window: the last prompt queries that score, always kept
     pool_kernel:  max-pool kernel over the window scores (odd)
     redistribute: give the budget that a short prompt cannot use to the other heads
-    page_store:   'auto' (block-table ops on CUDA, vLLM's CPU ops on the CPU) or
+    page_store:   'auto' (block-table ops on CUDA, vLLM's CPU ops on the CPU),
                   'block-table' (the CUDA route everywhere; on CPU tensors its ops are
-                  the kernels' PyTorch references: for tests)
+                  the kernels' PyTorch references) or 'block-table-triton' (the CUDA
+                  route with its Triton kernels everywhere; on the CPU they run in
+                  Triton's interpreter, TRITON_INTERPRET=1): both for tests
     """
 
     kv_size: int = 128

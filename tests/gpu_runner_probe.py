@@ -1,0 +1,74 @@
+"""Runs vLLM's GPU-runner start-up paths that need no CUDA on a real HEADKV engine
+(the engine core in this process; the CPU runner is vLLM's GPU runner minus CUDA):
+
+1. generate (the reference outputs);
+2. the KV cache dropped (the runner as before start-up's KV-cache set-up), then
+   the CUDA-graph memory profile's KV cache: ``_init_minimal_kv_cache_for_profiling``,
+   built from the runner's specs, as ``profile_cudagraph_memory`` builds it;
+3. dummy batches over it with attention metadata built (uniform decode, mixed
+   prefill + decode, prefill), as graph capture and kernel warm-up run them;
+4. the profiling cache dropped and the real KV cache set up again, as vLLM does
+   after profiling; generate again.
+
+spec: {"engine": {LLM kwargs}, "prompts": [[token ids]], "sampling": {...}}
+result (``GPU_RUNNER_PROBE_RESULT {json}``): {"before", "after": token ids per prompt,
+  "profiling_specs": [spec class names], "profiling_builders": [builder class names],
+  "profiling_num_blocks": int, "dummy_plans": int, "changed_blocks": [block ids the
+  dummy batches wrote]}
+"""
+
+import json
+import os
+import sys
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker lives in this process
+
+
+def generate(llm, prompts, sampling):
+    from vllm import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(**sampling), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def main() -> None:
+    spec = json.loads(sys.stdin.read())
+    from vllm import LLM
+
+    from headkv_vllm.engine import compat
+
+    llm = LLM(**spec["engine"])
+    before = generate(llm, spec["prompts"], spec["sampling"])
+    worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+    runner = worker.model_runner
+    real_config = runner.kv_cache_config
+    runner._cleanup_profiling_kv_cache()  # back to the state before any KV cache, where vLLM profiles
+
+    # On CUDA vLLM sets the largest graph size (default 2 x max_num_seqs, at most 512);
+    # without graphs it is None. The minimal cache has that many pages.
+    runner.compilation_config.max_cudagraph_capture_size = 2 * runner.max_num_reqs
+    compat.init_profiling_kv_cache(runner)
+    groups = runner.kv_cache_config.kv_cache_groups
+    builders = list(compat.metadata_builders(runner))
+    pool = runner.kv_caches[0]  # every layer's view of the one pool
+    snapshot = pool.clone()
+    for kwargs in (dict(num_tokens=4, uniform_decode=True), dict(num_tokens=16, mixed=True), dict(num_tokens=32)):
+        compat.dummy_run(runner, **kwargs)
+    changed = (pool != snapshot).flatten(1).any(dim=1).nonzero().flatten().tolist()
+    plans = sum(b.planner.builds for b in builders[:1] if b.planner is not None)
+    result = {
+        "profiling_specs": sorted({type(g.kv_cache_spec).__name__ for g in groups}),
+        "profiling_builders": sorted({type(b).__name__ for b in builders}),
+        "profiling_num_blocks": runner.kv_cache_config.num_blocks,
+        "dummy_plans": plans,
+        "changed_blocks": changed,
+    }
+
+    runner._cleanup_profiling_kv_cache()
+    worker.initialize_from_config(real_config)
+    result.update(before=before, after=generate(llm, spec["prompts"], spec["sampling"]))
+    print("GPU_RUNNER_PROBE_RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
