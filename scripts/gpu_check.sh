@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# The prepared GPU check: on one CUDA device, without vLLM and without a network,
+#   1. the kernel tests compile the Triton kernels for the device and compare them
+#      with their PyTorch references (tests/test_kernels_*.py and the other
+#      vLLM-free tests listed in TEST_FILES, one pytest process per file, in parallel);
+#   2. scripts/gpu_step_check.py runs HeadKV steps (prefills, decodes, a recomputed
+#      request) through the compute core on the device and checks them against the
+#      fp32 CPU reference and an independent oracle, the forward under CUDA's sync
+#      guard; it also times decode steps;
+#   3. scripts/bench_kernels.py --quick.
+# Writes results/gpu_check/gpu_check_<device>_<date>.json (and copies it with the
+# logs to $OUT when OUT is set). Exit status 0 when every part passed.
+#
+#   bash scripts/gpu_check.sh                 # on the GPU machine, from anywhere
+#   bash scripts/gpu_check.sh --cpu-dry-run   # without a GPU: the script itself, on
+#                                             # the CPU (Triton interpreter, no bench)
+# Environment: PYTHON (default python3), OUT, GPU_CHECK_TESTS (test files, to narrow
+# the run), GPU_CHECK_RESULTS (default results/gpu_check). The whole run stays under
+# 8 minutes (GPU_CHECK_DEADLINE_S, default 450).
+set -u -o pipefail
+
+usage() { sed -n '2,21s/^# \{0,1\}//p' "$0"; }
+
+DRY_RUN=0
+for arg in "$@"; do
+  case $arg in
+    --cpu-dry-run) DRY_RUN=1 ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$arg'" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+PY=${PYTHON:-python3}
+COMMAND="bash scripts/gpu_check.sh${*:+ $*}"
+DEADLINE_S=${GPU_CHECK_DEADLINE_S:-450}
+RESULTS=${GPU_CHECK_RESULTS:-results/gpu_check}
+TEST_FILES=${GPU_CHECK_TESTS:-"tests/test_kernels_decode.py tests/test_kernels_select_store.py \
+tests/test_kernels_window_scores.py tests/test_kernels_bench.py tests/test_torch_ops.py tests/test_step_plan.py"}
+START=$(date +%s)
+
+if ! "$PY" -c 'import torch, triton, pytest' 2>/dev/null; then
+  echo "gpu_check.sh: $PY cannot import torch, triton and pytest (set PYTHON to the interpreter that has them)" >&2
+  exit 2
+fi
+HAS_CUDA=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')
+if [[ $HAS_CUDA != 1 && $DRY_RUN == 0 ]]; then
+  echo "gpu_check.sh: no CUDA device (torch.cuda.is_available() is False). This check compiles and runs" >&2
+  echo "the Triton kernels on a GPU. To try the script itself on the CPU: bash scripts/gpu_check.sh --cpu-dry-run" >&2
+  exit 3
+fi
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+LOGS=$RESULTS/logs/$STAMP
+mkdir -p "$WORK/pytest" "$LOGS"
+
+# headkv_vllm from this tree without installing it: its folders linked under one
+# import root with kernels/ as headkv_vllm.kernels (setup.py's package_dir), and vLLM
+# blocked so that nothing here can use it.
+mkdir -p "$WORK/path/headkv_vllm" "$WORK/path/vllm"
+for entry in headkv_vllm/*; do
+  [[ $(basename "$entry") == __pycache__ ]] || ln -s "$PWD/$entry" "$WORK/path/headkv_vllm/"
+done
+ln -s "$PWD/kernels" "$WORK/path/headkv_vllm/kernels"
+echo 'raise ImportError("vLLM is not used by scripts/gpu_check.sh")' >"$WORK/path/vllm/__init__.py"
+export PYTHONPATH="$WORK/path${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONDONTWRITEBYTECODE=1
+if [[ $DRY_RUN == 1 ]]; then
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""  # the CPU, even on a GPU machine
+else
+  unset TRITON_INTERPRET  # compile the kernels for the device
+fi
+if ! "$PY" -c 'import headkv_vllm.core.attention, headkv_vllm.core.page_store, headkv_vllm.kernels.select_store' \
+  >"$LOGS/imports.log" 2>&1; then
+  echo "gpu_check.sh: the compute core does not import without vLLM:" >&2
+  cat "$LOGS/imports.log" >&2
+  exit 2
+fi
+
+left() { echo $((DEADLINE_S - ($(date +%s) - START))); }
+run_timed() {  # run_timed <timeout s> <time file> <rc file> <log> command...
+  local limit=$1 time_file=$2 rc_file=$3 log=$4
+  shift 4
+  local t0 rc
+  t0=$(date +%s.%N)
+  if command -v timeout >/dev/null; then
+    timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+  else
+    "$@" >"$log" 2>&1
+  fi
+  rc=$?
+  echo "$t0 $(date +%s.%N)" >"$time_file"
+  echo "$rc" >"$rc_file"
+}
+
+# 1. Kernel tests, one process per file (Triton compiles on several cores at once).
+echo "gpu_check: kernel tests ($(echo $TEST_FILES | wc -w) files in parallel)"
+PYTEST_LIMIT=$(($(left) * 55 / 100))
+t0=$(date +%s.%N)
+for file in $TEST_FILES; do
+  name=$(basename "$file" .py)
+  run_timed "$PYTEST_LIMIT" "$WORK/pytest/$name.time" "$WORK/pytest/$name.rc" "$LOGS/pytest_$name.log" \
+    "$PY" -m pytest -q -p no:cacheprovider "$file" --junitxml="$WORK/pytest/$name.xml" &
+done
+wait
+echo "$t0 $(date +%s.%N)" >"$WORK/pytest.time"
+
+# 2. HeadKV steps on the device vs the references (leaves time for the benchmark).
+echo "gpu_check: step check"
+if [[ $DRY_RUN == 1 ]]; then
+  STEP_ARGS=(--device cpu --shapes tiny --dtypes float32,bfloat16)
+  BENCH_RESERVE=0
+else
+  STEP_ARGS=(--device cuda)
+  BENCH_RESERVE=75
+fi
+STEP_BUDGET=$(($(left) - BENCH_RESERVE - 40))
+((STEP_BUDGET < 30)) && STEP_BUDGET=30
+run_timed $((STEP_BUDGET + 30)) "$WORK/step_check.time" "$WORK/step_check.rc" "$LOGS/step_check.log" \
+  "$PY" scripts/gpu_step_check.py "${STEP_ARGS[@]}" --budget-s "$STEP_BUDGET" --out "$WORK/step_check.json"
+
+# 3. The kernel benchmark's smoke run.
+if [[ $DRY_RUN == 1 ]]; then
+  echo skipped >"$WORK/bench.rc"
+else
+  echo "gpu_check: kernel bench --quick"
+  BENCH_LIMIT=$(($(left) - 10))
+  ((BENCH_LIMIT < 30)) && BENCH_LIMIT=30
+  run_timed "$BENCH_LIMIT" "$WORK/bench.time" "$WORK/bench.rc" "$LOGS/bench_kernels_quick.log" \
+    "$PY" scripts/bench_kernels.py --quick --out "$WORK/bench.json"
+fi
+echo "$START $(date +%s)" >"$WORK/total.time"
+
+REPORT_ARGS=(--work "$WORK" --logs "$LOGS" --command "$COMMAND" --stamp "$STAMP" --out-dir "$RESULTS")
+[[ $DRY_RUN == 1 ]] && REPORT_ARGS+=(--dry-run)
+"$PY" scripts/gpu_check_report.py "${REPORT_ARGS[@]}"
