@@ -2,9 +2,10 @@
 every engine step, what the scheduler holds: running / waiting requests, free
 pages of the pool, and each running request's pages per KV-cache group.
 
-spec: {"engine": {LLM kwargs}, "prompts": [[token ids]], "sampling": {SamplingParams kwargs}}
+spec: {"engine": {LLM kwargs}, "prompts": [[token ids]], "sampling": {SamplingParams kwargs},
+       "async_scheduling": bool (optional: on, as on CUDA)}
 result (printed as ``ENGINE_PROBE_RESULT {json}``):
-  {"num_blocks": int, "free_at_start": int, "free_at_end": int, "block_size": int,
+  {"async_scheduling": bool, "scheduler": class name, "num_blocks": int, "free_at_start": int, "free_at_end": int, "block_size": int,
    "steps": [{"running": int, "waiting": int, "free": int,
               "requests": [{"id", "prompt_len", "computed", "pages": [per group]}]}],
    "preemptions": int, "token_ids": {request id: [...]},
@@ -18,8 +19,28 @@ import sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler lives in this process
 
 
+def force_async_scheduling() -> None:
+    """Async scheduling, vLLM's default on CUDA, which the CPU platform turns off:
+    turned back on after the platform's (and HeadKV's) config checks."""
+    from vllm.platforms import current_platform
+
+    from headkv_vllm.engine.plugin import register
+
+    register()  # HeadKV's own config hook first
+    cls = type(current_platform)
+    checks = cls.check_and_update_config.__func__
+
+    def check_and_update_config(c, vllm_config):
+        checks(c, vllm_config)
+        vllm_config.scheduler_config.async_scheduling = True
+
+    cls.check_and_update_config = classmethod(check_and_update_config)
+
+
 def main() -> None:
     spec = json.loads(sys.stdin.read())
+    if spec.get("async_scheduling"):
+        force_async_scheduling()
     from vllm import LLM, SamplingParams
 
     llm = LLM(**spec["engine"])
@@ -62,6 +83,8 @@ def main() -> None:
             ],
         })
     result = {
+        "async_scheduling": llm.llm_engine.vllm_config.scheduler_config.async_scheduling,
+        "scheduler": type(scheduler).__name__,
         "num_blocks": pool.num_gpu_blocks,
         "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
         "free_at_start": free_at_start,

@@ -109,3 +109,28 @@ def test_preemption_and_small_token_budget_keep_outputs(model_dir, haystack_ids,
     check_one_plan_per_step(small)
     assert small["free_at_end"] == small["free_at_start"]
     assert [small["token_ids"][str(i)] for i in range(len(prompts))] == full["token_ids"]
+
+
+@pytest.mark.slow
+def test_async_scheduling_with_preemption_keeps_outputs(model_dir, haystack_ids, skewed_scores):
+    """Async scheduling (vLLM's default on CUDA; the CPU platform turns it off, the
+    probe turns it back on): the scheduler plans step N+1 while step N runs. Pages
+    equal the formula at every step, preemption and recomputation happen, the pool
+    comes back whole and the outputs equal synchronous scheduling's."""
+    cfg = {"policy": "headkv", "kv_size": 128, "scores": skewed_scores}
+    budgets, _ = resolve_budgets(HeadKVConfig.from_mapping(cfg), SMOL)
+    lengths = [600, 900, 650, 850, 700, 800]
+    prompts = [haystack_ids[i * 1000 : i * 1000 + n] for i, n in enumerate(lengths)]
+    max_len, max_tokens = 1024, 80
+    pool = SMOL.num_layers * SMOL.num_kv_heads * math.ceil(max_len / BLOCK) + 200
+    base = {"engine": {**engine(model_dir, **cfg), "max_model_len": max_len, "max_num_seqs": 16,
+                       "kv_cache_memory_bytes": (pool + 1) * HEAD_PAGE_BYTES},
+            "prompts": prompts, "sampling": dict(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)}
+    sync = probe(base)
+    overlapped = probe({**base, "async_scheduling": True})
+    assert overlapped["async_scheduling"] and overlapped["scheduler"] == "AsyncScheduler"
+    assert not sync["async_scheduling"]
+    assert overlapped["preemptions"] > 0
+    check_pages_every_step(overlapped, budgets)
+    assert overlapped["free_at_end"] == overlapped["free_at_start"]
+    assert overlapped["token_ids"] == sync["token_ids"]
