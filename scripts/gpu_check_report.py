@@ -93,6 +93,13 @@ def machine() -> dict:
     except Exception as e:
         info["device"] = None
         info["device_error"] = f"{type(e).__name__}: {e}"
+    try:  # CPU model, cores, RAM (the CPU reference of the step check runs there)
+        from headkv_vllm.tools.machine import machine_info
+
+        host = machine_info()
+        info["host"] = {k: host.get(k) for k in ("cpu", "cpu_cores_usable", "ram_gib", "os")}
+    except Exception:
+        pass
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20)

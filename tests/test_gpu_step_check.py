@@ -122,6 +122,7 @@ def test_gpu_check_refuses_without_cuda(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the dry run is for machines without CUDA")
 def test_gpu_check_cpu_dry_run_writes_its_json(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), GPU_CHECK_RESULTS=str(tmp_path / "results"),
