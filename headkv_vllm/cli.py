@@ -13,6 +13,7 @@ COMMANDS = {
     "score-heads": ("headkv_vllm.tools.score_heads", "compute head-importance scores (probe R or R2) for a model"),
     "import-scores": ("headkv_vllm.tools.import_scores", "convert a published HeadKV score file into configs/ format"),
     "budgets": ("headkv_vllm.tools.budget_table", "print the per-head budget table a score file yields"),
+    "node-check": ("headkv_vllm.tools.node_check", "one stage of the staged check of HEADKV against stock vLLM on a serving node"),
     "sched-sim": ("headkv_vllm.tools.sched_sim", "vLLM's scheduler with stock blocks vs head pages at GPU pool sizes, simulated on the CPU"),
 }
 

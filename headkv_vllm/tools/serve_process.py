@@ -40,7 +40,10 @@ class ServerConfig:
 
     def command(self, port: int) -> list[str]:
         vllm_bin = Path(sys.executable).with_name("vllm")
-        cmd = [str(vllm_bin), "serve", self.model, "--dtype", self.dtype,
+        # In a venv the console script sits next to the interpreter; in images that install
+        # vLLM into the system Python it may not, and the module always runs.
+        vllm = [str(vllm_bin)] if vllm_bin.exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+        cmd = [*vllm, "serve", self.model, "--dtype", self.dtype,
                "--max-model-len", str(self.max_model_len), "--host", "127.0.0.1", "--port", str(port),
                "--disable-uvicorn-access-log"]
         if self.kv_cache_memory_bytes is not None:
