@@ -46,3 +46,30 @@ def test_eager_stage_passes_on_the_cpu(model_dir, tmp_path):
     assert "PASSED" in proc.stdout and "[ok] HEADKV with budgets >= prompt gives stock" in proc.stdout
     pool = result["servers"]["headkv_compressed"]["headkv_pool"]
     assert pool["kv_size"] == 128 and "SmolLM2-135M-Instruct_R2.json" in pool["budget_origin"]
+
+
+def run_node_script(tmp_path, fail_stage=""):
+    """scripts/gpu_node_check.sh with a named fake ``docker`` (the real one needs a GPU
+    node and the image): it records each command and fails the stage ``fail_stage``."""
+    fake = tmp_path / "bin" / "docker"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "$@" >> "$DOCKER_LOG"\n'
+                    'case "$*" in *"--stage $FAIL_STAGE "*) [ -n "$FAIL_STAGE" ] && exit 1;; esac\nexit 0\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "HOME": str(tmp_path), "DOCKER_LOG": str(tmp_path / "log"),
+           "FAIL_STAGE": fail_stage}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_node_check.sh"), "org/Model", "--dtype", "float16"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    return proc, (tmp_path / "log").read_text().splitlines()
+
+
+def test_node_script_runs_the_stages_in_order_and_stops_at_a_failure(tmp_path):
+    proc, calls = run_node_script(tmp_path)
+    assert proc.returncode == 0 and "All stages passed" in proc.stdout
+    assert [c.split("--stage ")[1].split()[0] for c in calls] == list(STAGES)
+    assert all("--gpus all" in c and "--entrypoint headkv-vllm headkv-vllm node-check" in c
+               and "--model org/Model --out /results --dtype float16" in c for c in calls)
+    (tmp_path / "again").mkdir()
+    proc, calls = run_node_script(tmp_path / "again", fail_stage="graphs")
+    assert proc.returncode == 1 and "stage graphs FAILED" in proc.stderr
+    assert [c.split("--stage ")[1].split()[0] for c in calls] == ["eager", "graphs"]
