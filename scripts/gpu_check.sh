@@ -14,9 +14,10 @@
 #   bash scripts/gpu_check.sh                 # on the GPU machine, from anywhere
 #   bash scripts/gpu_check.sh --cpu-dry-run   # without a GPU: the script itself, on
 #                                             # the CPU (Triton interpreter, no bench)
-# Environment: PYTHON (default python3), OUT, GPU_CHECK_TESTS (test files, to narrow
-# the run), GPU_CHECK_RESULTS (default results/gpu_check). The whole run stays under
-# 8 minutes (GPU_CHECK_DEADLINE_S, default 450).
+# Environment: PYTHON (default python3; Python >= 3.11), OUT, GPU_CHECK_TESTS (test
+# files or file::test ids, to narrow the run), GPU_CHECK_RESULTS (default
+# results/gpu_check). The whole run stays under 8 minutes (GPU_CHECK_DEADLINE_S,
+# default 450). headkv_vllm need not be installed: it is imported from this tree.
 set -u -o pipefail
 
 usage() { sed -n '2,21s/^# \{0,1\}//p' "$0"; }
@@ -57,25 +58,51 @@ STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 LOGS=$RESULTS/logs/$STAMP
 mkdir -p "$WORK/pytest" "$LOGS"
 
-# headkv_vllm from this tree without installing it: its folders linked under one
-# import root with kernels/ as headkv_vllm.kernels (setup.py's package_dir), and vLLM
-# blocked so that nothing here can use it.
-mkdir -p "$WORK/path/headkv_vllm" "$WORK/path/vllm"
+# headkv_vllm from this tree without installing it: a package folder assembled from
+# links as setup.py installs it (headkv_vllm/*, kernels/ as headkv_vllm.kernels, configs/
+# as headkv_vllm.configs), first on sys.path, and vLLM blocked so that nothing here can
+# use it. PYTHONSAFEPATH=1: `python -c`, `python -m pytest` and `python scripts/...` do
+# not put the current folder (this tree's root, whose headkv_vllm/ has neither kernels
+# nor configs) or the script's folder before it (pytest still puts tests/ on sys.path
+# for conftest.py; no headkv_vllm there).
+PKG=$WORK/path/headkv_vllm
+mkdir -p "$PKG" "$WORK/path/vllm"
 for entry in headkv_vllm/*; do
-  [[ $(basename "$entry") == __pycache__ ]] || ln -s "$PWD/$entry" "$WORK/path/headkv_vllm/"
+  [[ $(basename "$entry") == __pycache__ ]] || ln -s "$PWD/$entry" "$PKG/"
 done
-ln -s "$PWD/kernels" "$WORK/path/headkv_vllm/kernels"
+ln -s "$PWD/kernels" "$PKG/kernels"
+ln -s "$PWD/configs" "$PKG/configs"
 echo 'raise ImportError("vLLM is not used by scripts/gpu_check.sh")' >"$WORK/path/vllm/__init__.py"
 export PYTHONPATH="$WORK/path${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONDONTWRITEBYTECODE=1
+export PYTHONSAFEPATH=1 PYTHONDONTWRITEBYTECODE=1
+export GPU_CHECK_PACKAGE=$PKG  # tests/test_gpu_step_check.py checks its imports against it
 if [[ $DRY_RUN == 1 ]]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""  # the CPU, even on a GPU machine
 else
   unset TRITON_INTERPRET  # compile the kernels for the device
 fi
-if ! "$PY" -c 'import headkv_vllm.core.attention, headkv_vllm.core.page_store, headkv_vllm.kernels.select_store' \
-  >"$LOGS/imports.log" 2>&1; then
-  echo "gpu_check.sh: the compute core does not import without vLLM:" >&2
+# The compute core, the kernels and the score files import from the assembled package.
+if ! "$PY" -c '
+import os, sys
+from pathlib import Path
+assert sys.version_info >= (3, 11), f"Python {sys.version.split()[0]}: PYTHONSAFEPATH needs Python >= 3.11"
+import headkv_vllm.core.attention, headkv_vllm.core.page_store, headkv_vllm.kernels.select_store
+from headkv_vllm.method import scores
+pkg = Path(os.environ["GPU_CHECK_PACKAGE"])
+for name, where in [("headkv_vllm", pkg), ("headkv_vllm.kernels", pkg / "kernels"),
+                    ("headkv_vllm.configs", pkg / "configs"), ("headkv_vllm.core.attention", pkg / "core")]:
+    got = Path(sys.modules[name].__file__).parent
+    assert got == where, f"{name} imported from {got}, not from {where}"
+assert scores.available_score_files(), "no score files in headkv_vllm.configs"
+try:
+    import vllm
+except ImportError:
+    pass
+else:
+    raise AssertionError("vllm imported")
+print("headkv_vllm (kernels and configs included) from the assembled package; vllm blocked")
+' >"$LOGS/imports.log" 2>&1; then
+  echo "gpu_check.sh: the compute core does not import from this tree without vLLM:" >&2
   cat "$LOGS/imports.log" >&2
   exit 2
 fi
@@ -101,7 +128,7 @@ echo "gpu_check: kernel tests ($(echo $TEST_FILES | wc -w) files in parallel)"
 PYTEST_LIMIT=$(($(left) * 55 / 100))
 t0=$(date +%s.%N)
 for file in $TEST_FILES; do
-  name=$(basename "$file" .py)
+  name=$(basename "${file%%::*}" .py)
   run_timed "$PYTEST_LIMIT" "$WORK/pytest/$name.time" "$WORK/pytest/$name.rc" "$LOGS/pytest_$name.log" \
     "$PY" -m pytest -q -p no:cacheprovider "$file" --junitxml="$WORK/pytest/$name.xml" &
 done

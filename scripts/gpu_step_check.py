@@ -109,20 +109,24 @@ TIMINGS = ((64, 2048, 128), (64, 2048, 1024))
 
 
 def bootstrap() -> None:
-    """Make ``headkv_vllm`` and ``headkv_vllm.kernels`` importable from the source tree
-    when the package is not installed (``kernels/`` is installed as ``headkv_vllm.kernels``)."""
+    """Make ``headkv_vllm`` importable from the source tree when the package is not
+    installed: ``kernels/`` and ``configs/`` are installed as ``headkv_vllm.kernels`` and
+    ``headkv_vllm.configs`` (setup.py's package_dir). scripts/gpu_check.sh assembles the
+    package instead; this covers ``python scripts/gpu_step_check.py`` on its own."""
     if importlib.util.find_spec("headkv_vllm") is None:
         sys.path.insert(0, str(ROOT))
     import headkv_vllm
 
-    if "headkv_vllm.kernels" in sys.modules or importlib.util.find_spec("headkv_vllm.kernels") is not None:
-        return
-    spec = importlib.util.spec_from_file_location(
-        "headkv_vllm.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["headkv_vllm.kernels"] = module
-    spec.loader.exec_module(module)
-    headkv_vllm.kernels = module
+    for sub in ("kernels", "configs"):
+        name = f"headkv_vllm.{sub}"
+        if name in sys.modules or importlib.util.find_spec(name) is not None:
+            continue
+        spec = importlib.util.spec_from_file_location(
+            name, ROOT / sub / "__init__.py", submodule_search_locations=[str(ROOT / sub)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        setattr(headkv_vllm, sub, module)
 
 
 class _Core:

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -122,11 +123,62 @@ def test_gpu_check_refuses_without_cuda(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.skipif("GPU_CHECK_PACKAGE" not in os.environ, reason="runs inside scripts/gpu_check.sh")
+def test_inside_gpu_check_tests_import_the_assembled_package():
+    """Under scripts/gpu_check.sh the tests import headkv_vllm, its kernels and its score
+    files from the package the script assembles, not from the source tree's headkv_vllm/
+    (which has neither kernels nor configs), and cannot import vLLM."""
+    import headkv_vllm
+    import headkv_vllm.configs
+    import headkv_vllm.kernels
+    from headkv_vllm.method import scores
+
+    pkg = Path(os.environ["GPU_CHECK_PACKAGE"])
+    assert Path(headkv_vllm.__file__).parent == pkg
+    assert Path(headkv_vllm.kernels.__file__).parent == pkg / "kernels"
+    assert Path(headkv_vllm.configs.__file__).parent == pkg / "configs"
+    assert Path(sys.modules[BlockTablePageStore.__module__].__file__).parent == pkg / "core"
+    assert scores.CONFIG_DIR == pkg / "configs" and scores.available_score_files()
+    assert str(ROOT) not in sys.path and "" not in sys.path
+    with pytest.raises(ImportError):
+        import vllm  # noqa: F401
+
+
+def bare_env() -> dict:
+    return dict({k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, PYTHONNOUSERSITE="1")
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory) -> str:
+    """An interpreter like the GPU machine's: torch, triton and pytest, but headkv_vllm not
+    installed. A fresh venv whose site-packages lists this environment's site-packages as
+    plain path lines in a .pth file: such lines add the folders without running the .pth
+    files in them, so the editable install's finder (which maps headkv_vllm.kernels and
+    headkv_vllm.configs onto the source tree) is not installed (as in tests/test_wheel_install.py)."""
+    venv = tmp_path_factory.mktemp("bare") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    base = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    (site / "zz_base_environment.pth").write_text("".join(f"{p}\n" for p in base))
+    probe = subprocess.run(
+        [str(python), "-c", "import importlib.util, sys, torch, triton, pytest; "
+         "print(importlib.util.find_spec('headkv_vllm'), [f for f in sys.meta_path if 'editable' in repr(f)])"],
+        capture_output=True, text=True, env=bare_env(), cwd=venv, timeout=120)
+    assert probe.stdout.split() == ["None", "[]"], probe.stdout + probe.stderr
+    return str(python)
+
+
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the dry run is for machines without CUDA")
-def test_gpu_check_cpu_dry_run_writes_its_json(tmp_path):
+@pytest.mark.skipif("GPU_CHECK_PACKAGE" in os.environ, reason="already inside scripts/gpu_check.sh")
+def test_gpu_check_cpu_dry_run_writes_its_json(tmp_path, bare_python):
+    # Run by an interpreter without the package installed, as on the GPU machine: the
+    # script must import headkv_vllm (kernels and configs included) from the source tree.
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), GPU_CHECK_RESULTS=str(tmp_path / "results"),
-               GPU_CHECK_TESTS="tests/test_step_plan.py")
+    env = dict(bare_env(), PYTHON=bare_python, OUT=str(out), GPU_CHECK_RESULTS=str(tmp_path / "results"),
+               GPU_CHECK_TESTS="tests/test_step_plan.py "
+               "tests/test_gpu_step_check.py::test_inside_gpu_check_tests_import_the_assembled_package")
     proc = subprocess.run(["bash", str(SCRIPT), "--cpu-dry-run"], capture_output=True, text=True, env=env,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -136,7 +188,9 @@ def test_gpu_check_cpu_dry_run_writes_its_json(tmp_path):
     result = json.loads(written.read_text())
     assert result["pass"] and result["dry_run"] and result["command"] == "bash scripts/gpu_check.sh --cpu-dry-run"
     tests = result["parts"]["kernel_tests"]
-    assert tests["files"]["tests/test_step_plan.py"]["passed"] == tests["passed"] > 0
+    assert tests["files"]["tests/test_step_plan.py"]["passed"] > 0
+    assert tests["files"]["tests/test_gpu_step_check.py"]["passed"] == 1  # not skipped: the tests' imports
+    assert tests["passed"] == tests["tests"]
     cases = result["parts"]["step_check"]["result"]["cases"]
     assert [(c["shape"]["name"], c["dtype"], c["pass"]) for c in cases] == [("tiny", "float32", True),
                                                                             ("tiny", "bfloat16", True)]
