@@ -18,9 +18,12 @@
 # files or file::test ids, to narrow the run), GPU_CHECK_RESULTS (default
 # results/gpu_check). The whole run stays under 8 minutes (GPU_CHECK_DEADLINE_S,
 # default 450). headkv_vllm need not be installed: it is imported from this tree.
+# GPU_CHECK_COMMIT: the commit the tree was copied from, recorded in the JSON (a copy
+# without .git has none of its own), e.g. from the checkout that sends it:
+#   GPU_CHECK_COMMIT=<output of git rev-parse HEAD there> bash scripts/gpu_check.sh
 set -u -o pipefail
 
-usage() { sed -n '2,21s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,/^set /s/^# \{0,1\}//p' "$0"; }
 
 DRY_RUN=0
 for arg in "$@"; do

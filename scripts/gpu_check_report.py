@@ -1,5 +1,6 @@
 """Collect the parts of scripts/gpu_check.sh into one JSON: the machine (device,
 versions, commit), the command and date, each part's outcome and the overall pass.
+The commit is ``GPU_CHECK_COMMIT`` from the environment when set, else the tree's.
 
 The parts leave their files in ``--work``:
 
@@ -35,7 +36,23 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def git_commit(root: Path = ROOT) -> dict:
+def git_commit(root: Path = ROOT, environ=os.environ) -> dict:
+    """The commit checked: ``GPU_CHECK_COMMIT`` from the caller's environment when set
+    (a copy of the tree on the GPU machine usually comes without ``.git``), else the
+    tree's own (``git_tree_commit``). Where both are known and differ, the tree's is kept
+    as ``tree_commit``."""
+    tree = git_tree_commit(root)
+    given = environ.get("GPU_CHECK_COMMIT", "").strip()
+    if not given:
+        return tree
+    entry = {"commit": given, "source": "GPU_CHECK_COMMIT",
+             "modified_tracked_files": tree["modified_tracked_files"] if tree["commit"] == given else None}
+    if tree["commit"] and tree["commit"] != given:
+        entry["tree_commit"] = tree["commit"]
+    return entry
+
+
+def git_tree_commit(root: Path = ROOT) -> dict:
     """The checked-out commit: ``git rev-parse HEAD`` where git works, else read from
     ``.git`` (HEAD, the ref file or packed-refs); None where neither is there."""
     try:

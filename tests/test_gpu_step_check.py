@@ -177,7 +177,7 @@ def test_gpu_check_cpu_dry_run_writes_its_json(tmp_path, bare_python):
     # script must import headkv_vllm (kernels and configs included) from the source tree.
     out = tmp_path / "out"
     env = dict(bare_env(), PYTHON=bare_python, OUT=str(out), GPU_CHECK_RESULTS=str(tmp_path / "results"),
-               GPU_CHECK_TESTS="tests/test_step_plan.py "
+               GPU_CHECK_COMMIT="f" * 40, GPU_CHECK_TESTS="tests/test_step_plan.py "
                "tests/test_gpu_step_check.py::test_inside_gpu_check_tests_import_the_assembled_package")
     proc = subprocess.run(["bash", str(SCRIPT), "--cpu-dry-run"], capture_output=True, text=True, env=env,
                           timeout=300, cwd=tmp_path)
@@ -195,7 +195,8 @@ def test_gpu_check_cpu_dry_run_writes_its_json(tmp_path, bare_python):
     assert [(c["shape"]["name"], c["dtype"], c["pass"]) for c in cases] == [("tiny", "float32", True),
                                                                             ("tiny", "bfloat16", True)]
     assert result["parts"]["bench_quick"]["skipped"]
-    assert {"python", "torch", "triton", "device"} <= set(result["machine"]) and result["git"]["source"]
+    assert {"python", "torch", "triton", "device"} <= set(result["machine"])
+    assert result["git"]["commit"] == "f" * 40 and result["git"]["source"] == "GPU_CHECK_COMMIT"
 
 
 def test_commit_read_from_the_git_folder(tmp_path):
@@ -210,4 +211,17 @@ def test_commit_read_from_the_git_folder(tmp_path):
     (git / "HEAD").write_text("c" * 40 + "\n")  # detached
     assert report.read_git_head(git) == "c" * 40
     assert report.read_git_head(tmp_path / "absent") is None
-    assert report.git_commit(tmp_path)["commit"] == "c" * 40  # not a git work tree: read by hand
+    assert report.git_commit(tmp_path, environ={})["commit"] == "c" * 40  # not a git work tree: read by hand
+
+
+def test_commit_from_the_callers_environment(tmp_path):
+    """A copy without .git: the commit the caller passes in GPU_CHECK_COMMIT; with a .git
+    that disagrees, the caller's is recorded and the tree's kept beside it."""
+    assert report.git_commit(tmp_path, environ={})["commit"] is None
+    given = report.git_commit(tmp_path, environ={"GPU_CHECK_COMMIT": " " + "d" * 40 + "\n"})
+    assert given == {"commit": "d" * 40, "source": "GPU_CHECK_COMMIT", "modified_tracked_files": None}
+    assert report.git_commit(tmp_path, environ={"GPU_CHECK_COMMIT": ""})["source"] == "no .git"
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("e" * 40 + "\n")
+    assert report.git_commit(tmp_path, environ={"GPU_CHECK_COMMIT": "d" * 40})["tree_commit"] == "e" * 40
+    assert "tree_commit" not in report.git_commit(tmp_path, environ={"GPU_CHECK_COMMIT": "e" * 40})
