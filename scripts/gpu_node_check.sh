@@ -10,8 +10,8 @@
 #                attention, async scheduling, fixed KV-cache size;
 #   3. profiled  graphs plus vLLM's own memory profiling (--gpu-memory-utilization),
 #                whose CUDA-graph memory profile builds a KV cache of its own.
-# Stops at the first stage that fails. Results: results/node_check/node_check_<stage>.json
-# and the servers' logs.
+# Stops at the first stage that fails. Results: $RESULTS/node_check_<stage>.json and the
+# servers' logs (RESULTS default results/node_check).
 #
 #   bash scripts/gpu_node_check.sh [MODEL] [extra node-check args, e.g. --dtype float16]
 # Environment: IMAGE (default headkv-vllm), HF_CACHE (mounted as the image's Hugging
@@ -23,15 +23,17 @@ MODEL=${1:-HuggingFaceTB/SmolLM2-135M-Instruct}
 shift $(( $# > 0 ? 1 : 0 ))
 IMAGE=${IMAGE:-headkv-vllm}
 HF_CACHE=${HF_CACHE:-$HOME/.cache/huggingface}
-mkdir -p results/node_check "$HF_CACHE"
+RESULTS=${RESULTS:-results/node_check}
+mkdir -p "$RESULTS" "$HF_CACHE"
+RESULTS=$(cd "$RESULTS" && pwd)
 
 for stage in ${STAGES:-eager graphs profiled}; do
   echo "== stage $stage =="
   if ! docker run --rm --gpus all --ipc=host \
-      -v "$PWD/results/node_check:/results" -v "$HF_CACHE:/root/.cache/huggingface" \
+      -v "$RESULTS:/results" -v "$HF_CACHE:/root/.cache/huggingface" \
       --entrypoint headkv-vllm "$IMAGE" \
       node-check --stage "$stage" --model "$MODEL" --out /results "$@"; then
-    echo "stage $stage FAILED: see results/node_check/node_check_${stage}.json and the logs beside it" >&2
+    echo "stage $stage FAILED: see $RESULTS/node_check_${stage}.json and the logs beside it" >&2
     exit 1
   fi
 done

@@ -12,6 +12,8 @@
 
 spec: {"engine": {LLM kwargs}, "prompts": [[token ids]], "sampling": {...}}
 result (``GPU_RUNNER_PROBE_RESULT {json}``): {"before", "after": token ids per prompt,
+  "block_table_bytes": {"allocated": the runner's device tables, "counted": what
+  HeadKVWorker takes off the profiled KV-cache memory},
   "profiling_specs": [spec class names], "profiling_builders": [builder class names],
   "profiling_num_blocks": int, "dummy_plans": int, "changed_blocks": [block ids the
   dummy batches wrote]}
@@ -42,6 +44,10 @@ def main() -> None:
     worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
     runner = worker.model_runner
     real_config = runner.kv_cache_config
+    from headkv_vllm.engine.kv_spec import block_table_bytes
+
+    tables = {"allocated": compat.block_table_device_bytes(runner),
+              "counted": block_table_bytes(runner.get_kv_cache_spec(), runner.vllm_config)}
     runner._cleanup_profiling_kv_cache()  # back to the state before any KV cache, where vLLM profiles
 
     # On CUDA vLLM sets the largest graph size (default 2 x max_num_seqs, at most 512);
@@ -57,6 +63,7 @@ def main() -> None:
     changed = (pool != snapshot).flatten(1).any(dim=1).nonzero().flatten().tolist()
     plans = sum(b.planner.builds for b in builders[:1] if b.planner is not None)
     result = {
+        "block_table_bytes": tables,
         "profiling_specs": sorted({type(g.kv_cache_spec).__name__ for g in groups}),
         "profiling_builders": sorted({type(b).__name__ for b in builders}),
         "profiling_num_blocks": runner.kv_cache_config.num_blocks,

@@ -34,7 +34,8 @@ def test_model_runner_v2_is_not_chosen_for_headkv(model_dir, monkeypatch):
 
 def test_forcing_model_runner_v2_is_refused(model_dir, monkeypatch):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    with pytest.raises(ValueError, match=r"VLLM_USE_V2_MODEL_RUNNER=1: HeadKV runs on Model Runner V1.*unset"):
+    pattern = r"Model Runner V2 is selected \(VLLM_USE_V2_MODEL_RUNNER=1.*HeadKV runs on Model Runner V1.*Unset"
+    with pytest.raises(ValueError, match=pattern):
         make_config(model_dir)
 
 
@@ -99,7 +100,8 @@ def test_profiling_kv_cache_and_dummy_batches(model_dir, haystack_ids, page_stor
     the CUDA-graph memory profile's KV cache is built from head-page specs, HEADKV's
     builders plan vLLM's dummy batches (uniform decode, mixed, prefill) and write only
     into the null block, and after the real KV cache is set up again the engine
-    generates exactly what it generated before."""
+    generates exactly what it generated before. The block tables' bytes HeadKVWorker
+    takes off the profiled KV-cache memory are what the runner allocated."""
     from conftest import engine, run_engine_script
 
     spec = {"engine": engine(model_dir, policy="snapkv", kv_size=64, page_store=page_store),
@@ -108,6 +110,9 @@ def test_profiling_kv_cache_and_dummy_batches(model_dir, haystack_ids, page_stor
     out = run_engine_script("gpu_runner_probe.py", spec)
     assert out["profiling_specs"] == ["HeadKVSpec"]
     assert out["profiling_builders"] == ["HeadKVMetadataBuilder"]
+    assert out["profiling_num_blocks"] == 8  # vLLM: min(max_num_seqs, largest graph size) pages
     assert out["dummy_plans"] == 3
-    assert out["changed_blocks"] in ([], [0])
+    assert out["changed_blocks"] == [0]  # the dummy batches wrote, and only into the null block
+    tables = out["block_table_bytes"]
+    assert tables["counted"] == tables["allocated"] > 0
     assert out["after"] == out["before"] and all(len(t) == 6 for t in out["before"])

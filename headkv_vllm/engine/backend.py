@@ -60,7 +60,11 @@ class HeadKVMetadataBuilder(AttentionMetadataBuilder[LayerStep]):
 
     No CUDA graph ever holds HeadKV attention: the step plan is built on the host
     from each step's lengths. vLLM then captures piecewise graphs around the
-    attention layers (its default FULL_AND_PIECEWISE resolves to PIECEWISE)."""
+    attention layers (its default FULL_AND_PIECEWISE resolves to PIECEWISE), and its
+    profiling, capture and warm-up runs build no attention metadata for them (the
+    forward gets None). Should a dummy batch reach the builder anyway (vLLM builds
+    metadata for dummy runs only for full graphs and some kernels' warm-ups), the
+    step planner plans it as fresh prompts."""
 
     _cudagraph_support = AttentionCGSupport.NEVER
 
@@ -124,6 +128,7 @@ class HeadKVImpl(AttentionImpl):
 class HeadKVBackend(AttentionBackend):
     forward_includes_kv_cache_update = True  # the impl writes each head's kept tokens itself
     supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes = ["auto"]  # head pages hold the model's dtype; no KV quantisation
 
     @staticmethod
     def get_name() -> str:

@@ -216,7 +216,7 @@ __all__ += [
     "FullAttentionSpec", "KVCacheLayout", "MultipleOf", "register_kv_cache_spec",
     "platform_worker_cls", "metadata_builders", "num_prompt_tokens", "request_ids", "seq_lens_cpu",
     "head_kv_group_layers", "pin_memory_available", "wrap_runner_kv_cache_spec", "init_profiling_kv_cache",
-    "dummy_run", "AttentionCGSupport",
+    "dummy_run", "AttentionCGSupport", "block_table_device_bytes",
 ]
 
 
@@ -238,15 +238,16 @@ def wrap_runner_kv_cache_spec(model_runner, convert: Callable[[dict], dict]) -> 
 
 
 def init_profiling_kv_cache(model_runner) -> None:
-    """What the CUDA-graph memory profile builds first: a minimal KV cache from the
+    """(Tests.) What the CUDA-graph memory profile builds first: a minimal KV cache from the
     runner's specs (``GPUModelRunner.profile_cudagraph_memory``)."""
     with set_current_vllm_config(model_runner.vllm_config):
         model_runner._init_minimal_kv_cache_for_profiling()
 
 
 def dummy_run(model_runner, num_tokens: int, uniform_decode: bool = False, mixed: bool = False) -> None:
-    """A dummy batch as vLLM's warm-ups and graph captures run it, with attention
-    metadata built (``force_attention``, as for full CUDA graphs and kernel warm-up)."""
+    """(Tests.) A dummy batch as vLLM's warm-ups and graph captures run it, with attention
+    metadata built (``force_attention``: vLLM does it for full CUDA graphs and some kernel
+    warm-ups, neither of which reaches HEADKV, whose builder declares no graph support)."""
     with set_current_vllm_config(model_runner.vllm_config):
         model_runner._dummy_run(num_tokens, force_attention=True, uniform_decode=uniform_decode,
                                 create_mixed_batch=mixed, skip_eplb=True, is_profile=True)
@@ -302,6 +303,12 @@ def kv_cache_group_sizes(kv_cache_config) -> list[int]:
 
 def kv_cache_tensor_offsets(kv_cache_config) -> set[int]:
     return {getattr(t, "offset", 0) for t in kv_cache_config.kv_cache_tensors}
+
+
+def block_table_device_bytes(model_runner) -> int:
+    """Bytes of the runner's block tables on the device, all KV-cache groups."""
+    tables = model_runner.input_batch.block_table.block_tables
+    return sum(t.block_table.gpu.numel() * t.block_table.gpu.element_size() for t in tables)
 
 
 def block_table_row_counts(model_runner, group_id: int):

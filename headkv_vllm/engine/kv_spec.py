@@ -61,6 +61,16 @@ class HeadKVSpec(FullAttentionSpec):
         return all(s == self for s in kv_cache_specs.values())
 
 
+def block_table_bytes(specs: dict, vllm_config) -> int:
+    """Bytes of the model runner's block tables on the device: per KV-cache group (one
+    per layer) an int32 row per request slot, ``num_kv_heads * ceil(max_len / block_size)``
+    wide. That is layers x KV heads times stock's one table, and vLLM's memory profile
+    does not count it (it is allocated with the KV cache)."""
+    max_len = vllm_config.model_config.max_model_len
+    slots = vllm_config.scheduler_config.max_num_seqs
+    return sum(slots * s.max_num_blocks_per_req(vllm_config, max_len) * 4 for s in specs.values())
+
+
 def to_head_specs(specs: dict, budgets: Budgets) -> dict:
     """Turn the runner's per-layer attention specs into per-layer HeadKVSpecs."""
     out = {}

@@ -59,8 +59,9 @@ def apply_engine_settings(vllm_config, logger) -> None:
             f"accounting are not split across ranks yet). Remove {', '.join(too_parallel)}.")
     if compat.uses_v2_model_runner(vllm_config):
         raise HeadKVConfigError(
-            "VLLM_USE_V2_MODEL_RUNNER=1: HeadKV runs on Model Runner V1 (it reads V1's input batch); "
-            "unset VLLM_USE_V2_MODEL_RUNNER and vLLM picks V1 for HEADKV by itself.")
+            "Model Runner V2 is selected (VLLM_USE_V2_MODEL_RUNNER=1, or a feature that needs V2 such as "
+            "HiSparse or watermarking): HeadKV runs on Model Runner V1 (it reads V1's input batch). Unset "
+            "VLLM_USE_V2_MODEL_RUNNER and drop V2-only features; vLLM then picks V1 for HEADKV by itself.")
     config = HeadKVConfig.from_additional_config(vllm_config.additional_config)
     if config.page_store == "block-table-triton" and compat.current_platform.is_cpu() \
             and os.environ.get("TRITON_INTERPRET") != "1":

@@ -58,8 +58,8 @@ class StepPlanner:
         if real:
             prompt = num_prompt_tokens(self.runner, n)
         else:
-            # A dummy batch (profiling, graph capture, warm-up): no requests, made-up
-            # lengths, zeroed block tables. Planned as fresh prompts of its query
+            # A dummy batch (vLLM's dummy runs with attention metadata): no requests,
+            # made-up lengths, zeroed block tables. Planned as fresh prompts of its query
             # tokens, so every write lands in block 0, vLLM's never-allocated null block.
             total = key[1 : n + 1] - key[:n]
             prompt = total

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from headkv_vllm.engine.settings import headkv_from_vllm_config
-from headkv_vllm.engine.kv_spec import to_head_specs
+from headkv_vllm.engine.kv_spec import block_table_bytes, to_head_specs
 from headkv_vllm.engine.step_planner import StepPlanner
 from headkv_vllm.engine.compat import (
     kv_cache_group_sizes,
@@ -22,6 +22,16 @@ class HeadKVWorker(platform_worker_cls()):
         # Every KV cache vLLM builds from this runner (the CUDA-graph memory profile's
         # included) gets head-page specs.
         wrap_runner_kv_cache_spec(self.model_runner, lambda specs: to_head_specs(specs, self._budgets))
+
+    def determine_available_memory(self) -> int:
+        available = super().determine_available_memory()
+        if self.cache_config.kv_cache_memory_bytes is not None:
+            return available  # the user's KV-cache size, taken as is (vLLM skips profiling then)
+        tables = block_table_bytes(self.model_runner.get_kv_cache_spec(), self.vllm_config)
+        logger.info("HeadKV: %.1f MiB of the KV-cache memory go to the head-page block tables "
+                    "(%d layers x %d request slots).", tables / 2**20, self._budgets.num_layers,
+                    self.scheduler_config.max_num_seqs)
+        return max(0, available - tables)
 
     def initialize_from_config(self, kv_cache_config) -> None:
         sizes = kv_cache_group_sizes(kv_cache_config)
