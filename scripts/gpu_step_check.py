@@ -28,8 +28,14 @@ Checked at every step and layer:
   (prompt rows causal over the prompt, recomputed tokens over the kept prompt and the
   generated tokens up to themselves, decodes over the list), and the reference pages
   at each head's slots (``method.layout.page_positions``) equal to the lists.
-- On CUDA, ``layer_state`` + ``forward`` run under
-  ``torch.cuda.set_sync_debug_mode("error")``: any host synchronisation fails.
+- The step's q/k/v and output come padded as under vLLM's piecewise CUDA graphs
+  (more rows than ``num_actual_tokens``: ``padded_rows``): the padding rows of q/k/v
+  are NaN, those of the output hold a sentinel that must stay there bit for bit (and
+  the real rows, which also start at the sentinel, are the ones compared above).
+- The plan is built as the engine builds it on CUDA (``pin_memory=True``: the
+  host-to-device copy staged in pinned memory, non-blocking). On CUDA the plan, and
+  ``layer_state`` + ``forward``, run under ``torch.cuda.set_sync_debug_mode("error")``:
+  any host synchronisation fails.
 
 Timings (CUDA only, information): the forward of a decode-only step over all layers,
 CUDA events, for each case and for larger decode batches without reference.
@@ -67,6 +73,7 @@ OUTPUT_TOL = {
 }
 SCORE_TOL = dict(atol=1e-6, rtol=1e-4)  # fp32 softmax on both sides (tests/test_kernels_window_scores.py)
 ORACLE_TOL = dict(atol=5e-5, rtol=5e-5)  # fp32 vs fp32 on the CPU
+OUTPUT_SENTINEL = -1000.0  # the output's rows before the forward (exact in every dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +222,33 @@ def no_host_sync(device: torch.device):
         yield
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+def padded_rows(num_tokens: int) -> int:
+    """Rows of the step's q/k/v/output as vLLM's piecewise CUDA graphs pass them: the
+    token count rounded up to a captured size (a multiple of 8 here), plus a few more,
+    so that there is padding even when the count is a multiple of 8."""
+    return -(-num_tokens // 8) * 8 + 3
+
+
+def build_device_plan(inputs, kept_table, block_size: int, device: torch.device, checks: "Checks", where: str):
+    """The step's plan as engine/step_planner.py builds it: on CUDA the host-to-device copy
+    staged in pinned memory, non-blocking. Under the sync guard: the plan is host work on
+    host tensors (which the guard does not flag), and the pinned non-blocking copy must
+    not wait for the device. Should it sync, the check fails and the plan is built again
+    without the guard, so that the rest of the step is still checked."""
+    pin = device.type == "cuda"
+    try:
+        with no_host_sync(device):
+            plan = core.plan.build_step_plan(inputs, kept_table, block_size, device, pin_memory=pin)
+    except RuntimeError as e:
+        if device.type != "cuda" or "synchroniz" not in str(e).lower():
+            raise
+        checks.ok("no_host_sync_in_plan", False, where, str(e).splitlines()[0])
+        return core.plan.build_step_plan(inputs, kept_table, block_size, device, pin_memory=pin)
+    if device.type == "cuda":
+        checks.ok("no_host_sync_in_plan", True, where)
+    return plan
 
 
 def sync_guard_works(device: torch.device) -> bool:
@@ -458,7 +492,7 @@ def run_case(shape: Shape, dtype: torch.dtype, device: torch.device, kernels: st
         for step in range(shape.steps):
             inputs, kinds = scenario.step(step)
             t0 = time.perf_counter()
-            plan_dev = core.plan.build_step_plan(inputs, kept_table, bs, device)
+            plan_dev = build_device_plan(inputs, kept_table, bs, device, checks, f"step {step}")
             plan_ms.append(1e3 * (time.perf_counter() - t0))
             plan_ref = core.plan.build_step_plan(inputs, kept_table, bs, "cpu")
             tables_dev = [t.to(device) for t in scenario.tables]
@@ -466,10 +500,14 @@ def run_case(shape: Shape, dtype: torch.dtype, device: torch.device, kernels: st
             step_inputs = []
             for layer in range(shape.layers):
                 where = f"step {step} layer {layer}"
-                qkv = scenario.qkv(inputs.num_actual_tokens).to(dtype)  # the inputs both routes get
-                q_dev, k_dev, v_dev = split_qkv(qkv.to(device), shape)
+                num_tokens = inputs.num_actual_tokens
+                qkv = scenario.qkv(num_tokens).to(dtype)  # the inputs both routes get
+                # the device route's, padded as under CUDA graphs: NaN rows after the real ones
+                padded = padded_rows(num_tokens)
+                pad = torch.full((padded - num_tokens, qkv.shape[1]), math.nan, dtype=dtype)
+                q_dev, k_dev, v_dev = split_qkv(torch.cat([qkv, pad]).to(device), shape)
                 q_ref, k_ref, v_ref = (x.float().contiguous() for x in split_qkv(qkv, shape))
-                out_dev = torch.zeros(inputs.num_actual_tokens, hq * d, dtype=dtype, device=device)
+                out_dev = torch.full((padded, hq * d), OUTPUT_SENTINEL, dtype=dtype, device=device)
                 dev_attn.tape.clear()
                 try:
                     with no_host_sync(device):
@@ -482,6 +520,9 @@ def run_case(shape: Shape, dtype: torch.dtype, device: torch.device, kernels: st
                     raise
                 if device.type == "cuda":
                     checks.ok("no_host_sync_in_forward", True, where)
+                checks.add("padding_rows_untouched",
+                           compare_exact(out_dev[num_tokens:], torch.full_like(out_dev[num_tokens:], OUTPUT_SENTINEL)),
+                           where)
                 if decode_only:
                     step_inputs.append((plan_dev, tables_dev[layer], q_dev, k_dev, v_dev, out_dev))
                 scores = [s.float().cpu() for s in dev_attn.tape]
@@ -614,7 +655,7 @@ def run_timing(requests: int, prompt: int, kv_size: int, dtype: torch.dtype, dev
     layers = []
     for step in range(2):
         inputs, _ = scenario.step(step)
-        plan = core.plan.build_step_plan(inputs, kept_table, shape.block_size, device)
+        plan = core.plan.build_step_plan(inputs, kept_table, shape.block_size, device, pin_memory=True)
         for layer in range(shape.layers):
             table = scenario.tables[layer].to(device)
             q, k, v = split_qkv(scenario.qkv(inputs.num_actual_tokens, device, dtype), shape)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from headkv_vllm.core.attention import HeadAttention
 from headkv_vllm.core.page_store import BlockTablePageStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ report = _load("gpu_check_report")
 COVERED = [  # every kind of row and both page checks ran
     "output_prompt_vs_reference", "output_recomputed_vs_reference", "output_decode_vs_reference",
     "scores_vs_reference", "pages_vs_reference", "reference_prompt_vs_oracle", "reference_recomputed_vs_oracle",
-    "reference_decode_vs_oracle", "reference_pages_vs_oracle", "plan_lengths_vs_oracle",
+    "reference_decode_vs_oracle", "reference_pages_vs_oracle", "plan_lengths_vs_oracle", "padding_rows_untouched",
 ]
 
 
@@ -50,6 +51,7 @@ def test_step_check_passes_with_the_triton_kernels():
             assert case["checks"][name]["count"] > 0, name
         if DEVICE.type == "cuda":
             assert case["checks"]["no_host_sync_in_forward"]["pass"]
+            assert case["checks"]["no_host_sync_in_plan"]["pass"]  # pinned, non-blocking, as the engine
     assert result["cases"][0]["checks"]["output_decode_vs_reference"]["max_abs_err"] <= 1e-4  # fp32
 
 
@@ -82,6 +84,27 @@ def test_step_check_fails_a_broken_store(store, fails):
     failed = {name for name, c in case["checks"].items() if not c["pass"]}
     assert failed == fails, failed
     assert all("first_failure" in case["checks"][name] for name in fails)
+
+
+def test_padded_rows_always_pad():
+    assert [check.padded_rows(n) for n in (1, 7, 8, 9, 16)] == [11, 11, 11, 19, 19]
+
+
+def test_step_check_fails_a_forward_that_writes_padding_rows(monkeypatch):
+    """q/k/v/output come padded as under CUDA graphs: the rows past num_actual_tokens must stay untouched."""
+    forward = HeadAttention.forward
+
+    def spills(self, step, query, key, value, pages, output):
+        forward(self, step, query, key, value, pages, output)
+        output[step.plan.num_actual_tokens:] = 0  # as a kernel launched over every row would
+        return output
+
+    monkeypatch.setattr(HeadAttention, "forward", spills)
+    kernels = "triton" if DEVICE.type == "cuda" else "reference"
+    result = check.run(DEVICE, ["tiny"], ["float32"], kernels, timing=False, log=lambda *_: None)
+    (case,) = result["cases"]
+    assert not result["pass"]
+    assert {name for name, c in case["checks"].items() if not c["pass"]} == {"padding_rows_untouched"}
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the sync guard is CUDA's")
