@@ -62,6 +62,15 @@ def test_compressed_matches_reference(model_dir, haystack_ids, reference, policy
                 assert abs(lp - float(logprobs[step][int(token)])) < LOGPROB_ATOL, (i, step, token)
 
 
+def assert_same_outputs(route: dict, cpu: dict) -> None:
+    """Same greedy tokens; logprobs of the top tokens both report within LOGPROB_ATOL."""
+    assert route["token_ids"] == cpu["token_ids"]
+    for i, (steps_a, steps_b) in enumerate(zip(route["logprobs"], cpu["logprobs"])):
+        for step, (a, b) in enumerate(zip(steps_a, steps_b)):
+            for token in a.keys() & b.keys():
+                assert abs(a[token] - b[token]) < LOGPROB_ATOL, (i, step, token)
+
+
 @pytest.mark.slow
 def test_block_table_route_equals_cpu_route(model_dir, haystack_ids):
     """The CUDA route's wiring in the real engine: step plan -> block-table page store
@@ -72,11 +81,7 @@ def test_block_table_route_equals_cpu_route(model_dir, haystack_ids):
     spec = {"prompts": prompts, "sampling": dict(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5)}
     cpu = run_llm({"engine": engine(model_dir, **cfg), **spec})
     table = run_llm({"engine": engine(model_dir, **cfg, page_store="block-table"), **spec})
-    assert table["token_ids"] == cpu["token_ids"]
-    for i in range(len(prompts)):
-        for step, (a, b) in enumerate(zip(table["logprobs"][i], cpu["logprobs"][i])):
-            for token in a.keys() & b.keys():
-                assert abs(a[token] - b[token]) < LOGPROB_ATOL, (i, step, token)
+    assert_same_outputs(table, cpu)
 
 
 @pytest.mark.slow
@@ -93,8 +98,4 @@ def test_triton_route_equals_cpu_route(model_dir, haystack_ids):
     cpu = run_llm({"engine": engine(model_dir, **cfg), **spec})
     assert os.environ["TRITON_INTERPRET"] == "1"  # set by conftest without CUDA; the engine inherits it
     triton = run_llm({"engine": engine(model_dir, **cfg, page_store="block-table-triton"), **spec})
-    assert triton["token_ids"] == cpu["token_ids"]
-    for i in range(len(prompts)):
-        for step, (a, b) in enumerate(zip(triton["logprobs"][i], cpu["logprobs"][i])):
-            for token in a.keys() & b.keys():
-                assert abs(a[token] - b[token]) < LOGPROB_ATOL, (i, step, token)
+    assert_same_outputs(triton, cpu)

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -174,17 +173,11 @@ def bare_env() -> dict:
 @pytest.fixture(scope="module")
 def bare_python(tmp_path_factory) -> str:
     """An interpreter like the GPU machine's: torch, triton and pytest, but headkv_vllm not
-    installed. A fresh venv whose site-packages lists this environment's site-packages as
-    plain path lines in a .pth file: such lines add the folders without running the .pth
-    files in them, so the editable install's finder (which maps headkv_vllm.kernels and
-    headkv_vllm.configs onto the source tree) is not installed (as in tests/test_wheel_install.py)."""
+    installed (tests/bare_venv.py)."""
+    from bare_venv import make_bare_venv
+
     venv = tmp_path_factory.mktemp("bare") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
-    base = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
-    (site / "zz_base_environment.pth").write_text("".join(f"{p}\n" for p in base))
+    python, _ = make_bare_venv(venv)
     probe = subprocess.run(
         [str(python), "-c", "import importlib.util, sys, torch, triton, pytest; "
          "print(importlib.util.find_spec('headkv_vllm'), [f for f in sys.meta_path if 'editable' in repr(f)])"],

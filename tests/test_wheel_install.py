@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import types
 import zipfile
 from pathlib import Path
@@ -94,17 +93,12 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_engine_from_installed_wheel_uses_shipped_scores(wheel, model_dir, tmp_path):
-    # A fresh interpreter environment that sees the wheel (installed with pip --target into its
-    # site-packages) and, after it, the test environment's site-packages for vLLM and torch: a
-    # plain path line in a .pth file adds that folder without running its .pth files, so the
-    # editable install's finder (which maps headkv_vllm to the source tree) is not installed.
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
-    base = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
-    (site / "zz_base_environment.pth").write_text("".join(f"{p}\n" for p in base))
+    # A fresh interpreter environment (tests/bare_venv.py: without the editable install) that
+    # sees the wheel, installed with pip --target into its site-packages, and after it the test
+    # environment's site-packages for vLLM and torch.
+    from bare_venv import make_bare_venv
+
+    python, site = make_bare_venv(tmp_path / "venv")
     out = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-index", "--no-deps",
          "--target", str(site), str(wheel)], capture_output=True, text=True, timeout=300)
