@@ -54,11 +54,13 @@ def test_speculative_decoding_is_refused(model_dir):
 
 def test_micro_batching_is_refused(model_dir):
     from headkv_vllm.engine.settings import apply_engine_settings
+    from headkv_vllm.method.config import HeadKVConfig
 
     config = make_config(model_dir)
     config.parallel_config.enable_dbo = True  # the CPU platform turns it off; CUDA keeps it
     with pytest.raises(HeadKVConfigError, match=r"--enable-dbo / --ubatch-size: .*remove those options"):
-        apply_engine_settings(config, logging.getLogger("test"))
+        apply_engine_settings(config, HeadKVConfig.from_additional_config(config.additional_config),
+                              logging.getLogger("test"))
 
 
 def test_triton_route_on_cpu_needs_the_interpreter(model_dir, monkeypatch):

@@ -14,6 +14,7 @@ them, as stock vLLM prefills (SDPA in fp32 took ~1.3x its time).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -195,7 +196,7 @@ class CpuPromptAttention:
             bs = self.block_size
             lens = [pf.prompt_len for pf in plan.prefills]
             blocks = [-(-n // bs) for n in lens]
-            first = torch.tensor([0] + blocks[:-1]).cumsum(0).tolist()
+            first = list(itertools.accumulate(blocks[:-1], initial=0))
             slots = torch.cat([torch.arange(n) + b * bs for n, b in zip(lens, first)])
             table = torch.zeros(len(lens), max(blocks), dtype=torch.int32)
             for i, (b, nb) in enumerate(zip(first, blocks)):

@@ -46,5 +46,6 @@ def on_engine_config(vllm_config) -> None:
 
     if selected_backend_name(vllm_config) != BACKEND_NAME:
         return
-    headkv_from_vllm_config(vllm_config)  # bad settings or score files fail here, before the engine starts
-    apply_engine_settings(vllm_config, logger)
+    # Bad settings or score files fail here, before the engine starts.
+    config, _, _ = headkv_from_vllm_config(vllm_config)
+    apply_engine_settings(vllm_config, config, logger)

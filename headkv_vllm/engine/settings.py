@@ -45,7 +45,7 @@ def headkv_from_vllm_config(vllm_config) -> tuple[HeadKVConfig, Budgets, str]:
     return config, budgets, origin
 
 
-def apply_engine_settings(vllm_config, logger) -> None:
+def apply_engine_settings(vllm_config, config: HeadKVConfig, logger) -> None:
     """Engine options HeadKV needs; each change is logged with its reason."""
     from headkv_vllm.engine import compat
 
@@ -62,7 +62,6 @@ def apply_engine_settings(vllm_config, logger) -> None:
             "Model Runner V2 is selected (VLLM_USE_V2_MODEL_RUNNER=1, or a feature that needs V2 such as "
             "HiSparse or watermarking): HeadKV runs on Model Runner V1 (it reads V1's input batch). Unset "
             "VLLM_USE_V2_MODEL_RUNNER and drop V2-only features; vLLM then picks V1 for HEADKV by itself.")
-    config = HeadKVConfig.from_additional_config(vllm_config.additional_config)
     if config.page_store == "block-table-triton" and compat.current_platform.is_cpu() \
             and os.environ.get("TRITON_INTERPRET") != "1":
         raise HeadKVConfigError(

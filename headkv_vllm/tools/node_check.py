@@ -75,9 +75,8 @@ def complete(server: VllmServer, model: str, prompt: str) -> dict:
     })
     r.raise_for_status()
     choice = r.json()["choices"][0]
-    top = choice["logprobs"]["top_logprobs"]
-    margins = [sorted(t.values(), reverse=True)[0] - sorted(t.values(), reverse=True)[1] if len(t) > 1 else None
-               for t in top]
+    ranked = [sorted(t.values(), reverse=True) for t in choice["logprobs"]["top_logprobs"]]
+    margins = [r[0] - r[1] if len(r) > 1 else None for r in ranked]
     return {"text": choice["text"], "tokens": choice["logprobs"]["tokens"], "margins": margins,
             "finish_reason": choice["finish_reason"]}
 
