@@ -62,7 +62,7 @@ class _FlakyMetrics:
     def __init__(self, answers: list):
         self.answers, self.done = list(answers), threading.Event()
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, timeout_s: float = 60) -> dict[str, float]:
         answer = self.answers.pop(0) if self.answers else None
         if not self.answers:
             self.done.set()

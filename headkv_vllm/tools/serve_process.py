@@ -153,11 +153,11 @@ class VllmServer:
         m = re.search(r"\w+ KV cache size: ([\d,]+) tokens", self.log_text())
         return int(m[1].replace(",", "")) if m else None
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, timeout_s: float = 60) -> dict[str, float]:
         """Prometheus samples by name (labels dropped; one engine)."""
-        # Generous timeout: on a 2-core machine a busy server answers /metrics in seconds, and a
+        # Generous default: on a 2-core machine a busy server answers /metrics in seconds, and a
         # late answer is still a valid sample.
-        r = httpx.get(f"{self.base_url}/metrics", timeout=60)
+        r = httpx.get(f"{self.base_url}/metrics", timeout=timeout_s)
         r.raise_for_status()
         return parse_prometheus(r.text)
 
@@ -182,8 +182,11 @@ class GaugeWatcher:
     ``samples`` counts answered polls only; failed ones are counted in ``failures`` with the
     last error kept, so a run whose gauges were never read says so instead of reporting zeros."""
 
-    def __init__(self, server: VllmServer, names: tuple[str, ...], interval_s: float = 0.1):
-        self.server, self.names, self.interval_s = server, names, interval_s
+    def __init__(self, server: VllmServer, names: tuple[str, ...], interval_s: float = 0.1,
+                 poll_timeout_s: float = 5.0):
+        # A poll that hangs is abandoned and retried: one stuck request once covered a whole
+        # 24-second run and left a single sample taken before the first request arrived.
+        self.server, self.names, self.interval_s, self.poll_timeout_s = server, names, interval_s, poll_timeout_s
         self.peak = {n: 0.0 for n in names}
         self.samples = 0
         self.failures = 0
@@ -204,7 +207,7 @@ class GaugeWatcher:
         while not self._stop.is_set():
             self.load_averages.append(os.getloadavg()[0])
             try:
-                values = self.server.metrics()
+                values = self.server.metrics(self.poll_timeout_s)
             except Exception as e:  # noqa: BLE001 - the thread must outlive any one bad poll
                 self.failures += 1
                 self.last_error = f"{type(e).__name__}: {e}"[:300]
