@@ -63,6 +63,10 @@ def test_score_file_with_bad_values(model_dir, tmp_path, bad):
 def test_good_settings_apply_engine_options(model_dir, tmp_path):
     config = make_config(model_dir, {"policy": "snapkv", "kv_size": 64})
     assert not config.cache_config.enable_prefix_caching
-    assert not config.scheduler_config.enable_chunked_prefill
-    assert config.scheduler_config.max_num_batched_tokens >= 2048
+    # chunked prefill stays as vLLM configured it, with the user's token budget
+    from vllm.engine.arg_utils import EngineArgs
+
+    stock = EngineArgs(model=str(model_dir), dtype="float32", max_model_len=2048).create_engine_config()
+    assert config.scheduler_config.enable_chunked_prefill == stock.scheduler_config.enable_chunked_prefill
+    assert config.scheduler_config.max_num_batched_tokens == stock.scheduler_config.max_num_batched_tokens
     assert config.parallel_config.worker_cls == "headkv_vllm.engine.worker.HeadKVWorker"

@@ -42,7 +42,7 @@ def test_pool_sizes(quick):
             assert p["num_kv_cache_groups"] == shape.num_layers
             assert p["block_bytes"] == 16 * shape.head_dim * 2 * 2  # one head page: one KV head of one layer
             assert p["num_blocks"] == pool_bytes // p["block_bytes"]
-            assert not r["engine"]["enable_prefix_caching"] and not r["engine"]["enable_chunked_prefill"]
+            assert not r["engine"]["enable_prefix_caching"] and r["engine"]["enable_chunked_prefill"]
         else:
             assert p["num_kv_cache_groups"] == 1
             assert p["block_bytes"] == layer_page * shape.num_layers  # all KV heads of all layers

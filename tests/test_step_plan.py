@@ -4,7 +4,7 @@ layer, decode and prefill rows, against the layout's own length formula."""
 import pytest
 import torch
 
-from headkv_vllm.core.plan import KeptTable, StepInputs, UnsupportedStep, build_step_plan
+from headkv_vllm.core.plan import KeptTable, StepInputs, build_step_plan
 from headkv_vllm.method.budgets import Budgets
 from headkv_vllm.method.layout import head_lengths
 
@@ -52,15 +52,61 @@ def test_kept_rows_are_reused_for_the_same_requests():
     assert torch.equal(table.rows([5, 120])[:, 1], table.rows([120, 5])[:, 0])
 
 
-def test_partial_prefill_is_refused_with_the_reason():
-    with pytest.raises(UnsupportedStep, match="only whole-prompt prefills and 1-token decodes"):
-        build_step_plan(inputs([(100, 200, 300)]), KeptTable(BUDGETS), block_size=16, device="cpu")
+def test_chunks_are_planned_by_kind():
+    # first chunk, middle chunk, last chunk, generated tokens of a recomputed request (prompt 50)
+    rows = [(100, 100, 300), (100, 200, 300), (130, 330, 300), (5, 58, 50)]
+    plan = build_step_plan(inputs(rows), KeptTable(BUDGETS), block_size=16, device="cpu")
+    first, middle, last, generated = plan.prefills
+    assert [(p.computed, p.context, p.prompt_queries, p.new_generated) for p in plan.prefills] == [
+        (0, 0, 100, 0), (100, 100, 100, 0), (200, 200, 100, 30), (53, 50, 0, 5)]
+    assert [p.compresses for p in plan.prefills] == [False, False, True, False]
+    # uncompressed while chunked: every head holds every token
+    assert (plan.lengths[:, 0] == 100).all() and (plan.lengths[:, 1] == 200).all()
+    for layer in range(4):
+        assert plan.lengths[layer, 2].tolist() == head_lengths(BUDGETS.kept(300)[layer], 300, 330)
+    # prompt attention: queries are the step's prompt rows, keys the prompt so far
+    assert plan.prefill_cu_seqlens.tolist() == [0, 100, 200, 300]
+    assert plan.prefill_cu_seqlens_k.tolist() == [0, 100, 300, 600]
+    assert plan.prefill_has_context and plan.prefill_max_len_k == 300
+    assert plan.prefill_tokens.tolist() == list(range(300))  # the last chunk's 30 generated rows are not prompt
+    assert plan.prefill_span == (0, 300)
+    assert BUDGETS.window == 4 and last.saved_window == 0 and middle.saved_window == 0
 
 
-def test_first_chunk_of_a_prompt_is_refused():
-    # computed 0 but fewer tokens than the prompt: a chunk, not a whole-prompt prefill
-    with pytest.raises(UnsupportedStep, match="only whole-prompt prefills"):
-        build_step_plan(inputs([(100, 100, 300)]), KeptTable(BUDGETS), block_size=16, device="cpu")
+def test_window_queries_of_earlier_chunks_are_counted():
+    # prompt 300, window 4: a chunk ending at 298 computed two window queries
+    plan = build_step_plan(inputs([(2, 300, 300)]), KeptTable(BUDGETS), block_size=16, device="cpu")
+    assert plan.prefills[0].saved_window == 2 and plan.prefills[0].compresses
+
+
+def counts(plan_rows, offsets_by_layer, block_size=16):
+    """Row entries the scheduler would hold: the layout's pages plus leading nulls."""
+    plan = build_step_plan(inputs(plan_rows), KeptTable(BUDGETS), block_size, "cpu")
+    need = ((plan.lengths_host.long() + block_size - 1) // block_size).sum(2)
+    return need + torch.tensor(offsets_by_layer)
+
+
+def test_row_offsets_of_chunked_prompts_are_found_and_checked():
+    rows = [(130, 330, 300), (1, 9, 5)]
+    bs = 16
+    full = 3 * -(-300 // bs)
+    compressed = [sum(-(-k // bs) for k in BUDGETS.kept(300)[layer]) for layer in range(4)]
+    gap = [[full - c, 0] for c in compressed]
+    plan = build_step_plan(StepInputs(**{**inputs(rows).__dict__, "row_counts": counts(rows, gap)}),
+                           KeptTable(BUDGETS), bs, "cpu")
+    assert plan.has_offsets and plan.offsets_host.tolist() == gap
+    # a one-step prompt has no leading nulls
+    plan = build_step_plan(StepInputs(**{**inputs(rows).__dict__, "row_counts": counts(rows, [[0, 0]] * 4)}),
+                           KeptTable(BUDGETS), bs, "cpu")
+    assert not plan.has_offsets
+    # anything else is a disagreement with the scheduler
+    with pytest.raises(RuntimeError, match="scheduler allocated"):
+        build_step_plan(StepInputs(**{**inputs(rows).__dict__, "row_counts": counts(rows, [[1, 0]] * 4)}),
+                        KeptTable(BUDGETS), bs, "cpu")
+    # an uncompressed chunk holds exactly every head's pages
+    with pytest.raises(RuntimeError, match="scheduler allocated"):
+        build_step_plan(StepInputs(**{**inputs([(100, 100, 300)]).__dict__,
+                                      "row_counts": counts([(100, 100, 300)], [[3]] * 4)}), KeptTable(BUDGETS), bs, "cpu")
 
 
 def test_contiguous_rows_become_spans():

@@ -4,6 +4,10 @@
   prompt (prefill itself is not compressed), window scores of the prompt's keys,
   then the store keeps each head's top tokens. A preempted request recomputed
   with its generated tokens: those tokens attend over the compressed prompt.
+- Chunked prefill: a prompt chunk writes its tokens uncompressed (``core.chunks``)
+  and attends over the earlier chunks; the last chunk reads them back, scores the
+  whole prompt (window queries of earlier chunks were saved) and stores the kept
+  tokens compressed, as a whole-prompt prefill would.
 - Decode: append the token to every head, then attend over the head pages.
 """
 
@@ -13,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from headkv_vllm.core.chunks import read_uncompressed, write_uncompressed
 from headkv_vllm.core.page_store import PageStore
-from headkv_vllm.core.plan import StepPlan
+from headkv_vllm.core.plan import PrefillPlan, StepPlan
 from headkv_vllm.kernels import window_scores as _scores
 
 
@@ -53,27 +58,66 @@ class HeadAttention:
         out = output.view(-1, self.num_heads, d)
         plan, store, state = step.plan, step.store, step.state
         if plan.prefills:
-            # Full causal attention over each prompt (prefill itself is not compressed).
-            if plan.prefill_span is not None:
-                rows = slice(*plan.prefill_span)
-            else:
-                rows = plan.prefill_tokens
-            out[rows] = store.attend_prompts(q[rows], k[rows], v[rows], plan, self.scale).to(out.dtype)
-        for pf in plan.prefills:
-            s, n, t, w = pf.start, pf.prompt_len, pf.num_tokens, pf.window
-            qr, kr, vr = q[s : s + t], k[s : s + t], v[s : s + t]
-            if pf.needs_scores[step.layer]:
-                scores = self._window_scores(qr[n - w : n], kr[:n], store.use_triton)
-            else:
-                scores = torch.zeros(self.num_kv_heads, n - w, dtype=torch.float32, device=q.device)
-            store.store_prefill(state, pf, scores, kr, vr, pages)
-            if t > n:
-                out[s + n : s + t] = store.attend_recomputed(state, pf, qr[n:], pages, self.scale).to(out.dtype)
+            # Earlier chunks' tokens of prompts continued in this step (uncompressed pages).
+            context = {pf.row: read_uncompressed(pages, state.rows[pf.row], pf.context, self.num_kv_heads)
+                       for pf in plan.prefills if pf.context > 0 and pf.prompt_queries > 0}
+            if plan.prefill_tokens.numel():
+                # Full causal attention over each prompt (prefill itself is not compressed).
+                rows = slice(*plan.prefill_span) if plan.prefill_span is not None else plan.prefill_tokens
+                pk, pv = (k[rows], v[rows]) if not plan.prefill_has_context else self._with_context(plan, context, k, v)
+                out[rows] = store.attend_prompts(q[rows], pk, pv, plan, self.scale).to(out.dtype)
+            for pf in plan.prefills:
+                self._prefill(step, pf, q, k, v, pages, out, context.get(pf.row))
         if plan.num_decodes:
             rows = slice(*plan.decode_span) if plan.decode_span is not None else plan.decode_tokens
             store.append_decode(state, k[rows], v[rows], pages)
             out[rows] = store.attend_decode(state, q[rows], pages, self.scale).to(out.dtype)
         return output
+
+    def _prefill(self, step: LayerStep, pf: PrefillPlan, q, k, v, pages, out, context) -> None:
+        """Everything but prompt attention for one prefilling request (its kind: PrefillPlan)."""
+        store, state, layer = step.store, step.state, step.layer
+        s, c, n = pf.start, pf.computed, pf.prompt_len
+        e = s + pf.num_tokens - c  # the request's step rows are [s, e)
+        if pf.num_tokens < n:  # a prompt chunk: stays uncompressed until the last chunk
+            write_uncompressed(pages, state.rows[pf.row], c, k[s:e], v[s:e])
+            first_window = n - pf.window
+            if pf.num_tokens > first_window and pf.needs_scores[layer]:
+                a = max(c, first_window)
+                step.plan.window_stash.save(pf.key, layer, q[s + a - c : e], first=c <= first_window)
+            return
+        if pf.compresses:
+            kr, vr = k[s:e], v[s:e]
+            if context is not None:
+                kr, vr = torch.cat([context[0], kr]), torch.cat([context[1], vr])  # positions 0 .. num_tokens-1
+            if pf.needs_scores[layer]:
+                q_win = q[s + max(0, n - pf.window - c) : s + n - c]
+                if pf.saved_window:
+                    q_win = torch.cat([step.plan.window_stash.take(pf.key, layer, pf.saved_window), q_win])
+                scores = self._window_scores(q_win, kr[:n], store.use_triton)
+            else:
+                scores = torch.zeros(self.num_kv_heads, n - pf.window, dtype=torch.float32, device=q.device)
+            store.store_prefill(state, pf, scores, kr, vr, pages)
+        else:  # generated tokens of a recomputed request, after its compressed prompt
+            store.append_tokens(state, pf, k[s:e], v[s:e], pages)
+        if pf.new_generated:
+            g = e - pf.new_generated
+            out[g:e] = store.attend_recomputed(state, pf, q[g:e], pages, self.scale).to(out.dtype)
+
+    @staticmethod
+    def _with_context(plan: StepPlan, context: dict, k: torch.Tensor, v: torch.Tensor):
+        """The packed keys/values of prompt attention: per prefill its earlier chunks, then its step rows."""
+        ks, vs = [], []
+        for pf in plan.prefills:
+            if pf.prompt_queries == 0:
+                continue
+            rows = slice(pf.start, pf.start + pf.prompt_queries)
+            if pf.row in context:
+                ks.append(context[pf.row][0])
+                vs.append(context[pf.row][1])
+            ks.append(k[rows])
+            vs.append(v[rows])
+        return torch.cat(ks), torch.cat(vs)
 
     def _window_scores(self, q_win: torch.Tensor, k: torch.Tensor, use_triton: bool | None) -> torch.Tensor:
         triton = k.is_cuda if use_triton is None else use_triton

@@ -52,18 +52,24 @@ class PageStore(Protocol):
     def append_decode(self, state, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor) -> None:
         """Append the decode tokens' ``k``/``v`` ``[D, Hkv, d]`` to every head."""
 
+    def append_tokens(self, state, pf: PrefillPlan, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor) -> None:
+        """Append a recomputed request's generated tokens ``k``/``v`` ``[g, Hkv, d]`` (a step
+        after its compressed prompt) to every head."""
+
     def attend_decode(self, state, q: torch.Tensor, pages: torch.Tensor, scale: float) -> torch.Tensor:
         """``q`` ``[D, Hq, d]`` over each decode's head pages -> ``[D, Hq, d]``."""
 
     def attend_recomputed(self, state, pf: PrefillPlan, q: torch.Tensor, pages: torch.Tensor,
                           scale: float) -> torch.Tensor:
-        """The generated tokens of a recomputed request, ``q`` ``[g, Hq, d]``: token j sees the
-        compressed prompt and the generated tokens up to itself, as when first decoded."""
+        """The generated tokens of a recomputed request computed in the step (``pf.new_generated``),
+        ``q`` ``[g, Hq, d]``: token j sees the compressed prompt and the generated tokens up to
+        itself, as when first decoded."""
 
 
 @dataclass(frozen=True)
 class BlockTableLayer:
-    block_table: torch.Tensor  # [R, W] int32 the layer's block-table rows
+    rows: torch.Tensor  # [R, W] int32 the layer's block-table rows as vLLM holds them
+    block_table: torch.Tensor  # [R, W] int32 the canonical rows: past each row's leading nulls
     kept: torch.Tensor  # [R, Hkv] int32 plan.kept[layer]
     lengths: torch.Tensor  # [R, Hkv] int32 plan.lengths[layer]
     decode_table: torch.Tensor  # [D, W] rows of the decodes
@@ -86,6 +92,13 @@ class BlockTablePageStore:
 
     def layer_state(self, plan: StepPlan, layer: int, block_table: torch.Tensor) -> BlockTableLayer:
         kept, lengths = plan.kept[layer], plan.lengths[layer]
+        rows = block_table
+        if plan.has_offsets:
+            # Rows of chunked prompts start with null entries: the kernels read the rows past them.
+            # TODO(perf): an offset argument in the kernels instead of this gather per layer.
+            num_rows, width = kept.shape[0], block_table.shape[1]
+            index = torch.arange(width, device=block_table.device)[None, :] + plan.offsets[layer][:, None].long()
+            block_table = block_table[:num_rows].gather(1, index.clamp_(max=width - 1))
         if plan.decode_req_span is not None:  # the usual case: views, no copy of table rows
             a, b = plan.decode_req_span
             table, d_kept, d_lengths = block_table[a:b], kept[a:b], lengths[a:b]
@@ -93,7 +106,7 @@ class BlockTablePageStore:
             d = plan.decode_reqs
             table, d_kept, d_lengths = block_table.index_select(0, d), kept.index_select(0, d), lengths.index_select(0, d)
         return BlockTableLayer(
-            block_table=block_table, kept=kept, lengths=lengths, decode_table=table, decode_kept=d_kept,
+            rows=rows, block_table=block_table, kept=kept, lengths=lengths, decode_table=table, decode_kept=d_kept,
             decode_lengths=d_lengths, decode_max_len=plan.decode_max_len,
         )
 
@@ -114,13 +127,22 @@ class BlockTablePageStore:
         return self._attend(q, pages, state.decode_table, state.decode_kept, state.decode_lengths, scale,
                             state.decode_max_len)
 
+    def append_tokens(self, state: BlockTableLayer, pf: PrefillPlan, k, v, pages) -> None:
+        table, kept, lengths = self._generated_rows(state, pf, k.device)
+        op = _append.append_decode_kv_triton if self._triton(k) else _append.append_decode_kv_ref
+        op(k, v, pages, table, kept, lengths)
+
     def attend_recomputed(self, state: BlockTableLayer, pf: PrefillPlan, q, pages, scale: float) -> torch.Tensor:
-        r, g = pf.row, pf.generated
-        step = torch.arange(1 - g, 1, device=q.device, dtype=state.lengths.dtype)[:, None]  # [g, 1]
-        lengths = state.lengths[r][None, :] + step  # token j holds the prompt part + j + 1 generated
-        table = state.block_table[r].expand(g, -1)
-        kept = state.kept[r].expand(g, -1)
+        table, kept, lengths = self._generated_rows(state, pf, q.device)
         return self._attend(q, pages, table, kept, lengths, scale, pf.max_len)
+
+    @staticmethod
+    def _generated_rows(state: BlockTableLayer, pf: PrefillPlan, device):
+        """The step's generated tokens of a recomputed request as decode rows: token j holds the
+        prompt part and the generated tokens up to itself."""
+        r, g = pf.row, pf.new_generated
+        step = torch.arange(1 - g, 1, device=device, dtype=state.lengths.dtype)[:, None]  # [g, 1]
+        return state.block_table[r].expand(g, -1), state.kept[r].expand(g, -1), state.lengths[r][None, :] + step
 
     def _attend(self, q, pages, table, kept, lengths, scale, max_len) -> torch.Tensor:
         op = _decode.paged_decode_block_table_triton if self._triton(q) else _decode.paged_decode_block_table_ref

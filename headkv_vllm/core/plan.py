@@ -18,6 +18,10 @@ Lengths of request r in a step (docs/kv_layout.md, "Head lengths")::
               |<- computed ->|<- query_len[r] ->|
     prompt:   |<----- prompt[r] ----->|
     head h:   kept[l, r, h] prompt tokens (window included) + (total - prompt) generated
+
+A prompt prefilled in chunks (``total < prompt``) holds all ``total`` tokens in every
+head until its last chunk (docs/kv_layout.md, "Chunked prefill"); its row then starts
+with ``offsets[l, r]`` null entries, and its canonical row is the row past them.
 """
 
 from __future__ import annotations
@@ -38,14 +42,23 @@ class StepInputs:
     seq_lens: torch.Tensor  # [R] int, tokens computed once the step is done
     prompt_lens: torch.Tensor  # [R] int, prompt length (0 where unknown: treated as all prompt)
     num_actual_tokens: int
+    # [L, R] int block-table entries each layer's row holds (null entries included), from the
+    # scheduler; checked against the layout and gives each row's leading nulls. None: no
+    # check, no leading nulls (dummy batches, unit tests).
+    row_counts: torch.Tensor | None = None
+    request_keys: tuple[str, ...] | None = None  # request ids by row (saved window queries)
 
 
 @dataclass(frozen=True)
 class PrefillPlan:
-    """A request prefilled in this step: step tokens ``[start, start + num_tokens)``.
+    """A request computing more than a decode token in this step: step tokens
+    ``[start, start + num_tokens - computed)`` are its positions ``[computed, num_tokens)``.
 
-    ``num_tokens > prompt_len`` only when a preempted request is recomputed
-    (its prompt, then the tokens it had generated).
+    Kinds (docs/kv_layout.md, "Phases of a request"): a whole prompt (``computed == 0``,
+    ``num_tokens >= prompt_len``); a prompt chunk (``num_tokens < prompt_len``); a last
+    prompt chunk (``0 < computed < prompt_len <= num_tokens``); the generated tokens of a
+    recomputed request (``computed >= prompt_len``). ``num_tokens > prompt_len`` only when
+    a preempted request is recomputed (its prompt, then the tokens it had generated).
     """
 
     row: int  # request row
@@ -55,10 +68,37 @@ class PrefillPlan:
     window: int  # min(window, prompt_len)
     max_len: int  # longest head of any layer after the step (sizes slot tables)
     needs_scores: tuple[bool, ...]  # [L] False where every head keeps the whole prompt
+    computed: int = 0  # tokens computed before the step
+    key: str = ""  # request id (window queries saved across chunks)
 
     @property
     def generated(self) -> int:
         return self.num_tokens - self.prompt_len
+
+    @property
+    def compresses(self) -> bool:
+        """The prompt is scored and compressed in this step."""
+        return self.computed < self.prompt_len <= self.num_tokens
+
+    @property
+    def context(self) -> int:
+        """Prompt tokens already in the (uncompressed) pages before the step."""
+        return min(self.computed, self.prompt_len)
+
+    @property
+    def prompt_queries(self) -> int:
+        """Prompt tokens computed in the step (the first step rows)."""
+        return max(0, min(self.num_tokens, self.prompt_len) - self.computed)
+
+    @property
+    def new_generated(self) -> int:
+        """Generated tokens recomputed in the step (the step rows after the prompt's)."""
+        return max(0, self.num_tokens - max(self.computed, self.prompt_len))
+
+    @property
+    def saved_window(self) -> int:
+        """Window queries that earlier chunks computed (saved until the last chunk)."""
+        return max(0, self.context - (self.prompt_len - self.window))
 
 
 @dataclass(frozen=True)
@@ -83,6 +123,15 @@ class StepPlan:
     prefill_span: tuple[int, int] | None  # the same rows as a range when they are contiguous
     prefill_cu_seqlens: torch.Tensor  # [P + 1] int32 device, offsets into the packed tokens
     prefill_max_len: int
+    # Keys of the packed prompt attention: each prefill's whole prompt so far (earlier
+    # chunks' tokens from the pages, then the step's). Equal to the queries' without chunks.
+    prefill_cu_seqlens_k: torch.Tensor  # [P + 1] int32 device
+    prefill_max_len_k: int
+    prefill_has_context: bool  # some prefill continues a prompt begun in an earlier step
+    offsets: torch.Tensor  # [L, R] int32 device, leading null entries of each row
+    offsets_host: torch.Tensor  # [L, R] int32 host
+    has_offsets: bool
+    window_stash: "WindowStash | None" = None
 
     @property
     def num_decodes(self) -> int:
@@ -125,8 +174,41 @@ class UnsupportedStep(RuntimeError):
     pass
 
 
+class WindowStash:
+    """Window queries of a chunked prompt computed before its last chunk, per request
+    and layer, kept until the last chunk scores with them (docs/kv_layout.md, "Scoring
+    at the last chunk"). The planner drops the entries of requests that left."""
+
+    def __init__(self):
+        self._saved: dict[str, dict[int, list[torch.Tensor]]] = {}
+
+    def save(self, key: str, layer: int, queries: torch.Tensor, first: bool) -> None:
+        per_layer = self._saved.setdefault(key, {})
+        if first:
+            per_layer[layer] = []
+        per_layer.setdefault(layer, []).append(queries.clone())
+
+    def take(self, key: str, layer: int, count: int) -> torch.Tensor:
+        parts = self._saved.get(key, {}).pop(layer, [])
+        queries = torch.cat(parts) if parts else None
+        if queries is None or queries.shape[0] != count:
+            got = 0 if queries is None else queries.shape[0]
+            raise RuntimeError(f"HeadKV: request {key} layer {layer}: {got} saved window queries, expected {count}.")
+        if not self._saved[key]:
+            del self._saved[key]
+        return queries
+
+    def keep_only(self, keys) -> None:
+        for key in set(self._saved) - set(keys):
+            del self._saved[key]
+
+    def __len__(self) -> int:
+        return len(self._saved)
+
+
 def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
-                    device: torch.device | str, pin_memory: bool = False) -> StepPlan:
+                    device: torch.device | str, pin_memory: bool = False,
+                    window_stash: WindowStash | None = None) -> StepPlan:
     """The plan of one step (host work, once per step for all layers). ``pin_memory``:
     stage the host-to-device copy in pinned memory (CUDA, where the platform allows)."""
     qsl = inputs.query_start_loc.long()
@@ -136,34 +218,30 @@ def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
     prompt = inputs.prompt_lens[:n].long()
     prompt = torch.where(prompt > 0, prompt, total)  # unknown (dummy rows): all prompt
     computed = total - qlen
-    is_prefill = (computed == 0) & (qlen > 0) & (total >= prompt)  # a whole prompt (+ recomputed tokens)
     is_decode = (computed >= prompt) & (qlen == 1)
-    bad = (qlen > 0) & ~is_prefill & ~is_decode
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise UnsupportedStep(
-            f"HeadKV: request row {i} computes {int(qlen[i])} tokens after {int(computed[i])} "
-            f"(prompt {int(prompt[i])}): only whole-prompt prefills and 1-token decodes are supported "
-            "(chunked prefill and speculative decoding are off under HeadKV)."
-        )
+    is_prefill = (qlen > 0) & ~is_decode
     prompt_list = prompt.tolist()
     kept = kept_table.rows(prompt_list)  # [L, R, H]
+    uncompressed = total < prompt  # a prompt chunk: every head holds every token
     prompt_part = torch.minimum(prompt, total).to(torch.int32)
     generated = (total - prompt).clamp(min=0).to(torch.int32)
     lengths = torch.minimum(kept, prompt_part[None, :, None]) + generated[None, :, None]
+    lengths = torch.where(uncompressed[None, :, None], total.to(torch.int32)[None, :, None], lengths)
+    offsets = _row_offsets(inputs, kept, lengths, prompt, uncompressed, block_size)
 
     window = kept_table.budgets.window
     head_max = lengths.amax(dim=(0, 2)).tolist() if n else []  # [R] longest head over layers
     prefix_full = (kept >= prompt.to(torch.int32)[None, :, None]).all(dim=2)  # [L, R] every head keeps all
-    qsl_list, total_list = qsl.tolist(), total.tolist()
-    prefill_rows = is_prefill.nonzero().flatten().tolist()
+    qsl_list, total_list, computed_list = qsl.tolist(), total.tolist(), computed.tolist()
+    keys = inputs.request_keys
     prefills = tuple(
         PrefillPlan(
             row=i, start=qsl_list[i], prompt_len=prompt_list[i], num_tokens=total_list[i],
             window=min(window, prompt_list[i]), max_len=int(head_max[i]),
-            needs_scores=tuple((~prefix_full[:, i]).tolist()),
+            needs_scores=tuple((~prefix_full[:, i]).tolist()), computed=computed_list[i],
+            key=keys[i] if keys is not None else "",
         )
-        for i in prefill_rows
+        for i in is_prefill.nonzero().flatten().tolist()
     )
     decode_reqs = is_decode.nonzero().flatten()
     decode_rows = qsl[decode_reqs].tolist()
@@ -174,14 +252,21 @@ def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
     decode_max = max((head_max[i] for i in decode_reqs.tolist()), default=0)
     max_pages = max(1, -(-max(head_max, default=0) // block_size))
 
-    spans = [(pf.start, pf.start + pf.prompt_len) for pf in prefills]
+    # Prompt attention: each prefill's prompt rows of the step as queries; as keys its
+    # prompt so far (earlier chunks from the pages, packed before the step's rows).
+    attending = [pf for pf in prefills if pf.prompt_queries > 0]
+    spans = [(pf.start, pf.start + pf.prompt_queries) for pf in attending]
     prefill_tokens = torch.cat([torch.arange(a, b, dtype=torch.int32) for a, b in spans]) if spans \
         else torch.zeros(0, dtype=torch.int32)
     contiguous = all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
-    cu = torch.tensor([0] + [pf.prompt_len for pf in prefills], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    q_lens = [pf.prompt_queries for pf in attending]
+    k_lens = [pf.context + pf.prompt_queries for pf in attending]
+    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_k = torch.tensor([0] + k_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
 
     # One host-to-device copy for the step.
-    parts = [kept.flatten(), lengths.flatten(), qsl[decode_reqs].int(), decode_reqs.int(), prefill_tokens, cu]
+    parts = [kept.flatten(), lengths.flatten(), qsl[decode_reqs].int(), decode_reqs.int(), prefill_tokens, cu, cu_k,
+             offsets.flatten()]
     host = torch.cat(parts)
     dev = torch.device(device)
     if dev.type == "cpu":
@@ -190,7 +275,7 @@ def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
         staged = host.pin_memory().to(dev, non_blocking=True)
     else:
         staged = host.to(dev)
-    kept_dev, lengths_dev, decode_tokens, decode_reqs_dev, prefill_tokens_dev, cu_dev = \
+    kept_dev, lengths_dev, decode_tokens, decode_reqs_dev, prefill_tokens_dev, cu_dev, cu_k_dev, offsets_dev = \
         staged.split([t.numel() for t in parts])
     return StepPlan(
         num_actual_tokens=inputs.num_actual_tokens, block_size=block_size,
@@ -198,5 +283,36 @@ def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
         prompt_lens=tuple(prompt_list), prefills=prefills, decode_tokens=decode_tokens.long(), decode_span=decode_span, decode_reqs=decode_reqs_dev.long(),
         decode_reqs_host=decode_reqs, decode_req_span=decode_req_span, decode_max_len=int(decode_max), max_pages=max_pages,
         prefill_tokens=prefill_tokens_dev.long(), prefill_span=(spans[0][0], spans[-1][1]) if spans and contiguous else None,
-        prefill_cu_seqlens=cu_dev, prefill_max_len=max((pf.prompt_len for pf in prefills), default=0),
+        prefill_cu_seqlens=cu_dev, prefill_max_len=max(q_lens, default=0),
+        prefill_cu_seqlens_k=cu_k_dev, prefill_max_len_k=max(k_lens, default=0),
+        prefill_has_context=any(pf.context > 0 for pf in attending),
+        offsets=offsets_dev.view(offsets.shape), offsets_host=offsets, has_offsets=bool(offsets.any()),
+        window_stash=window_stash,
     )
+
+
+def _row_offsets(inputs: StepInputs, kept: torch.Tensor, lengths: torch.Tensor, prompt: torch.Tensor,
+                 uncompressed: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[L, R] int32 leading null entries of each row, checked against the scheduler's count.
+
+    Pages a request needs (docs/kv_layout.md, "Scheduler count"): every head's pages while
+    a chunked prompt is uncompressed, ``sum_h ceil(len_h / bs)`` once compressed. Rows of a
+    prompt prefilled in chunks hold ``row_offset`` more entries in front (null once the
+    scheduler has seen the last chunk computed): uncompressed prompt pages minus compressed."""
+    num_layers, n, num_heads = kept.shape
+    if inputs.row_counts is None:
+        return torch.zeros(num_layers, n, dtype=torch.int32)
+    held = inputs.row_counts[:, :n].long()
+    need = ((lengths.long() + block_size - 1) // block_size).sum(dim=2)  # [L, R]
+    offsets = held - need
+    full = num_heads * ((prompt + block_size - 1) // block_size)  # [R] the prompt's uncompressed pages
+    compressed = ((torch.minimum(kept.long(), prompt[None, :, None]) + block_size - 1) // block_size).sum(dim=2)
+    ok = (offsets == 0) | ((offsets == full[None, :] - compressed) & ~uncompressed[None, :])
+    if not bool(ok.all()):
+        layer, row = (int(i) for i in (~ok).nonzero()[0])
+        raise RuntimeError(
+            f"HeadKV layer {layer}: scheduler allocated {held[layer].tolist()} head pages, "
+            f"worker needs {need[layer].tolist()} (row {row}; a chunked prompt's row may hold "
+            f"{int(full[row] - compressed[layer, row])} more in front)."
+        )
+    return offsets.to(torch.int32)

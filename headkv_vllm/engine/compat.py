@@ -214,7 +214,7 @@ from vllm.v1.attention.backend import AttentionCGSupport, MultipleOf  # noqa: E4
 __all__ += [
     "extract_layer_index", "cdiv", "SingleTypeKVCacheManager", "AttentionSpec",
     "FullAttentionSpec", "KVCacheLayout", "MultipleOf", "register_kv_cache_spec",
-    "platform_worker_cls", "metadata_builders", "num_prompt_tokens", "request_ids", "seq_lens_cpu",
+    "platform_worker_cls", "metadata_builders", "num_prompt_tokens", "request_ids", "live_request_ids", "seq_lens_cpu",
     "head_kv_group_layers", "pin_memory_available", "wrap_runner_kv_cache_spec", "init_profiling_kv_cache",
     "dummy_run", "AttentionCGSupport", "block_table_device_bytes",
 ]
@@ -274,6 +274,12 @@ def num_prompt_tokens(model_runner, num_reqs: int):
 def request_ids(model_runner) -> list[str]:
     """Ids of the requests in the persistent batch, in batch order."""
     return model_runner.input_batch.req_ids
+
+
+def live_request_ids(model_runner):
+    """Ids of every request the runner holds state for (scheduled in this step or not,
+    preempted included; dropped when they finish)."""
+    return model_runner.requests.keys()
 
 
 def seq_lens_cpu(cm: CommonAttentionMetadata) -> torch.Tensor:
@@ -391,7 +397,7 @@ def flash_prefill_attention(dtype: torch.dtype, head_size: int):
     def attend(q, k, v, plan, scale):
         return fa_utils.flash_attn_varlen_func(
             q, k, v, max_seqlen_q=plan.prefill_max_len, cu_seqlens_q=plan.prefill_cu_seqlens,
-            max_seqlen_k=plan.prefill_max_len, cu_seqlens_k=plan.prefill_cu_seqlens,
+            max_seqlen_k=plan.prefill_max_len_k, cu_seqlens_k=plan.prefill_cu_seqlens_k,
             softmax_scale=scale, causal=True, **extra,
         )
 

@@ -58,6 +58,7 @@ class HeadSequences:
 
 @dataclass(frozen=True)
 class CpuLayer:
+    rows: torch.Tensor  # [R, W] int32 the layer's block-table rows as vLLM holds them
     head_blocks: torch.Tensor  # [R, Hkv, J] int32 page j of head h of request r
     lengths: torch.Tensor  # [R, Hkv] int32
     decode: HeadSequences | None
@@ -122,7 +123,10 @@ class CpuPageStore:
         )
 
     def layer_state(self, plan: StepPlan, layer: int, block_table: torch.Tensor) -> CpuLayer:
-        pos = self._page_positions(plan, block_table.shape[1])[layer]  # [R, H, J]
+        width = block_table.shape[1]
+        pos = self._page_positions(plan, width)[layer]  # [R, H, J]
+        if plan.has_offsets:  # rows of chunked prompts start with null entries
+            pos = (pos + plan.offsets_host[layer][:, None, None]).clamp_(max=width - 1)
         R = pos.shape[0]
         head_blocks = block_table[:R].gather(1, pos.reshape(R, -1)).view(pos.shape)  # int32
         lengths = plan.lengths_host[layer]
@@ -134,7 +138,7 @@ class CpuPageStore:
             decode_slots = (d_blocks.gather(2, last // self.block_size).long() * self.block_size
                             + last % self.block_size).flatten()
             decode = self._sequences(d_lengths, d_blocks)
-        return CpuLayer(head_blocks=head_blocks, lengths=lengths, decode=decode, decode_slots=decode_slots)
+        return CpuLayer(rows=block_table, head_blocks=head_blocks, lengths=lengths, decode=decode, decode_slots=decode_slots)
 
     def store_prefill(self, state: CpuLayer, pf: PrefillPlan, scores, k, v, pages) -> None:
         r, bs = pf.row, self.block_size
@@ -161,8 +165,16 @@ class CpuPageStore:
     def attend_decode(self, state: CpuLayer, q, pages, scale: float) -> torch.Tensor:
         return self._attend(state.decode, q, pages, scale)
 
+    def append_tokens(self, state: CpuLayer, pf: PrefillPlan, k, v, pages) -> None:
+        r, g, bs = pf.row, pf.new_generated, self.block_size
+        positions = (state.lengths[r][None, :] - g + torch.arange(g)[:, None]).long()  # [g, Hkv]
+        heads = torch.arange(positions.shape[1])[None, :]
+        slots = state.head_blocks[r][heads, positions // bs].long() * bs + positions % bs
+        d = k.shape[-1]
+        store_tokens(k.reshape(-1, d), v.reshape(-1, d), pages, slots.flatten(), self.isa)
+
     def attend_recomputed(self, state: CpuLayer, pf: PrefillPlan, q, pages, scale: float) -> torch.Tensor:
-        r, g = pf.row, pf.generated
+        r, g = pf.row, pf.new_generated
         step = torch.arange(1 - g, 1)[:, None]
         lengths = state.lengths[r][None, :] + step  # [g, Hkv]
         return self._attend(self._sequences(lengths, state.head_blocks[r].expand(g, -1, -1)), q, pages, scale)
@@ -194,7 +206,7 @@ class CpuPromptAttention:
         """Slots of the packed prompt tokens, block tables and work split (once per step)."""
         if self._step is None or self._step[0] is not plan:
             bs = self.block_size
-            lens = [pf.prompt_len for pf in plan.prefills]
+            lens = [pf.context + pf.prompt_queries for pf in plan.prefills if pf.prompt_queries]  # keys
             blocks = [-(-n // bs) for n in lens]
             first = list(itertools.accumulate(blocks[:-1], initial=0))
             slots = torch.cat([torch.arange(n) + b * bs for n, b in zip(lens, first)])

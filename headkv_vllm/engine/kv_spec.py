@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from headkv_vllm.method.budgets import Budgets
-from headkv_vllm.method.layout import PageCounter, num_head_pages
+from headkv_vllm.method.layout import PageCounter, num_head_pages, row_offset
 from headkv_vllm.engine.compat import (
     AttentionSpec,
     FullAttentionSpec,
@@ -43,7 +43,9 @@ class HeadKVSpec(FullAttentionSpec):
         return num_head_pages(self.kept(prompt_len), prompt_len, num_tokens, self.block_size)
 
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
-        return self.num_kv_heads * cdiv(max_len, self.block_size)
+        # A chunked prompt's leading nulls plus its pages: at most one page per head more
+        # than uncompressed (docs/kv_layout.md, "Compaction").
+        return self.num_kv_heads * (cdiv(max_len, self.block_size) + 1)
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         # Worst case is uncompressed (a short prompt, then a long generation).
@@ -101,24 +103,34 @@ class HeadKVManager(SingleTypeKVCacheManager):
     """Allocates head pages: ``sum_h ceil(len_h / block_size)`` per layer.
 
     Pages are appended in the canonical order of docs/kv_layout.md, so the worker
-    maps block-table position -> (head, page) from the lengths alone.
+    maps block-table position -> (head, page) from the lengths alone. A prompt
+    prefilled in chunks holds every head uncompressed until its last chunk; its row
+    then starts with ``row_offset`` entries that are freed (made null) as soon as the
+    last chunk is computed, the way vLLM frees a sliding window's pages.
     """
 
     def __init__(self, kv_cache_spec: HeadKVSpec, **kwargs):
         super().__init__(kv_cache_spec, **kwargs)
         self.prompt_len: dict[str, int] = {}
+        self.chunked: set[str] = set()  # requests whose prompt is (was) prefilled in chunks
         self.counter = PageCounter(kv_cache_spec.kept, kv_cache_spec.block_size)
 
     def _pages(self, request_id: str, num_tokens: int) -> int:
         # Before the first real allocation of a fresh request, num_tokens == prompt length.
         n = self.prompt_len.get(request_id, num_tokens)
-        return self.counter.pages(n, num_tokens)
+        return self.counter.row_entries(n, num_tokens, request_id in self.chunked or num_tokens < n)
 
     def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None):
-        # Nothing is skipped; allocate_slots calls this before every real allocation,
-        # which is where the manager learns the prompt length.
+        # allocate_slots calls this before every real allocation, which is where the
+        # manager learns the prompt length; the computed tokens are those already
+        # processed (under async scheduling, not the step in flight, which still reads
+        # the uncompressed pages).
         if num_prompt_tokens is not None:
             self.prompt_len[request_id] = num_prompt_tokens
+        n = self.prompt_len.get(request_id)
+        if request_id in self.chunked and n is not None and processed_computed_tokens >= n:
+            offset = row_offset(self.kv_cache_spec.kept(n), n, self.block_size)
+            self._remove_blocks_in_range(request_id, 0, offset)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, *args, **kwargs) -> int:
         if len(new_computed_blocks):
@@ -131,12 +143,15 @@ class HeadKVManager(SingleTypeKVCacheManager):
         n = self._pages(request_id, num_tokens) - len(req_blocks)
         if n <= 0:
             return []
+        if num_tokens < self.prompt_len.get(request_id, num_tokens):
+            self.chunked.add(request_id)
         new = self.block_pool.get_new_blocks(n)
         req_blocks.extend(new)
         return new
 
     def pop_blocks_for_free(self, request_id):
         self.prompt_len.pop(request_id, None)
+        self.chunked.discard(request_id)
         return super().pop_blocks_for_free(request_id)
 
     @classmethod

@@ -50,7 +50,6 @@ def apply_engine_settings(vllm_config, config: HeadKVConfig, logger) -> None:
     from headkv_vllm.engine import compat
 
     sched, cache, par = vllm_config.scheduler_config, vllm_config.cache_config, vllm_config.parallel_config
-    max_len = vllm_config.model_config.max_model_len
     too_parallel = {k: v for k, v in compat.parallel_sizes(vllm_config).items() if v > 1}
     if too_parallel:
         opts = ", ".join(f"{k} {v}" for k, v in too_parallel.items())
@@ -79,17 +78,14 @@ def apply_engine_settings(vllm_config, config: HeadKVConfig, logger) -> None:
     if cache.enable_prefix_caching:
         cache.enable_prefix_caching = False
         logger.info("HeadKV: prefix caching disabled: compressed pages are per request and cannot be shared.")
-    if sched.enable_chunked_prefill or sched.max_num_batched_tokens < max_len:
-        sched.enable_chunked_prefill = False
-        old = sched.max_num_batched_tokens
-        sched.max_num_batched_tokens = max(old, max_len)
-        if sched.max_num_scheduled_tokens is not None:
-            sched.max_num_scheduled_tokens = max(sched.max_num_scheduled_tokens, max_len)
+    if sched.enable_chunked_prefill:
         logger.info(
-            "HeadKV: chunked prefill disabled and max_num_batched_tokens %d -> %d: each prompt is "
-            "prefilled in one step, because compression scores every prompt token against the "
-            "prompt's last window queries.", old, sched.max_num_batched_tokens,
+            "HeadKV: chunked prefill on (max_num_batched_tokens %d): a prompt longer than a step's "
+            "token budget is prefilled in chunks, every KV head uncompressed, and compressed at its "
+            "last chunk, where its surplus head pages go back to the pool.", sched.max_num_batched_tokens,
         )
+    else:
+        logger.info("HeadKV: chunked prefill off (as configured): each prompt is prefilled and compressed in one step.")
     if not cache.user_specified_block_size:
         cache.block_size = DEFAULT_BLOCK_SIZE
     if par.worker_cls in ("auto", _qualname(compat.platform_worker_cls())):

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from headkv_vllm.core.plan import KeptTable, StepInputs, StepPlan, build_step_plan
+from headkv_vllm.core.plan import KeptTable, StepInputs, StepPlan, WindowStash, build_step_plan
 from headkv_vllm.engine.compat import (
     CommonAttentionMetadata,
     block_table_row_counts,
     head_kv_group_layers,
+    live_request_ids,
     logger,
     num_prompt_tokens,
     pin_memory_available,
@@ -36,6 +37,7 @@ class StepPlanner:
         self.device = torch.device(device)
         self.pin_memory = self.device.type == "cuda" and pin_memory_available()
         self.kept = KeptTable(budgets)
+        self.window_stash = WindowStash()
         self.runner = None
         self.builds = 0  # plans built so far (tests count them)
         self._key: torch.Tensor | None = None
@@ -63,33 +65,35 @@ class StepPlanner:
             # tokens, so every write lands in block 0, vLLM's never-allocated null block.
             total = key[1 : n + 1] - key[:n]
             prompt = total
+        ids = request_ids(self.runner)[:n] if real else None
         inputs = StepInputs(query_start_loc=key[: n + 1], seq_lens=total, prompt_lens=prompt,
-                            num_actual_tokens=cm.num_actual_tokens)
-        plan = build_step_plan(inputs, self.kept, self.block_size, self.device, self.pin_memory)
+                            num_actual_tokens=cm.num_actual_tokens,
+                            row_counts=self._row_counts(n) if real else None,
+                            request_keys=tuple(ids) if real else None)
+        plan = build_step_plan(inputs, self.kept, self.block_size, self.device, self.pin_memory, self.window_stash)
         if real:
-            self._check_pages(plan, n)
+            # saved window queries live until their last chunk, or until the request finishes
+            self.window_stash.keep_only(live_request_ids(self.runner))
             self._log_prefills(plan)
         self._key, self._plan = key, plan
         self.builds += 1
         return plan
 
-    def _check_pages(self, plan: StepPlan, n: int) -> None:
-        """The scheduler's page count of every (layer, request) equals what the worker needs."""
+    def _row_counts(self, n: int) -> torch.Tensor:
+        """[L, R] block-table entries of every layer's rows (the plan checks them against
+        the layout, so the scheduler's count and the worker's rows agree every step)."""
         if self._group_layers is None:
             self._group_layers = head_kv_group_layers(self.runner)
-        bs = self.block_size
-        need = ((plan.lengths_host.long() + bs - 1) // bs).sum(dim=2)  # [L, R]
+        counts = torch.zeros(self.budgets.num_layers, n, dtype=torch.long)
         for group, layer in self._group_layers:
-            held = torch.as_tensor(block_table_row_counts(self.runner, group)[:n], dtype=torch.long)
-            if not torch.equal(held, need[layer]):
-                raise RuntimeError(
-                    f"HeadKV layer {layer}: scheduler allocated {held.tolist()} head pages, "
-                    f"worker needs {need[layer].tolist()}."
-                )
+            counts[layer] = torch.as_tensor(block_table_row_counts(self.runner, group)[:n], dtype=torch.long)
+        return counts
 
     def _log_prefills(self, plan: StepPlan) -> None:
         ids = request_ids(self.runner)
         for pf in plan.prefills:
+            if not pf.compresses:
+                continue
             kept = self.kept.one(pf.prompt_len).float().mean().item()
             logger.info(
                 "HeadKV request %s: prompt %d tokens, kept %.1f per KV head on average over all layers (%.1f%%).",

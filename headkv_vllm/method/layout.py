@@ -21,6 +21,18 @@ def num_head_pages(kept: tuple[int, ...], prompt_len: int, num_tokens: int, bloc
     return sum(-(-n // block_size) for n in head_lengths(kept, prompt_len, num_tokens))
 
 
+def uncompressed_pages(num_kv_heads: int, num_tokens: int, block_size: int) -> int:
+    """Pages of a prompt being prefilled in chunks: every head holds all ``num_tokens``
+    tokens, head h's page j at row position ``j * num_kv_heads + h``."""
+    return num_kv_heads * -(-num_tokens // block_size)
+
+
+def row_offset(kept: tuple[int, ...], prompt_len: int, block_size: int) -> int:
+    """Leading null entries of a chunked prompt's row once it is compressed: its
+    uncompressed prompt pages minus its compressed ones (docs/kv_layout.md)."""
+    return uncompressed_pages(len(kept), prompt_len, block_size) - num_head_pages(kept, prompt_len, prompt_len, block_size)
+
+
 class PageCounter:
     """``num_head_pages`` of one layer in O(1) per call, for the scheduler, which asks
     twice per layer per request per step.
@@ -37,6 +49,17 @@ class PageCounter:
         self.kept_of = kept_of  # prompt length -> tuple of the layer's kept tokens per head
         self.block_size = block_size
         self._tables: dict[int, tuple[int, int, list[int]]] = {}
+
+    def row_entries(self, prompt_len: int, num_tokens: int, chunked: bool) -> int:
+        """Block-table entries of a request, null entries included (docs/kv_layout.md,
+        "Scheduler count"): uncompressed while a chunked prompt is prefilled, then the
+        leading nulls of a chunked prompt plus its head pages."""
+        if num_tokens < prompt_len and chunked:
+            return uncompressed_pages(len(self.kept_of(prompt_len)), num_tokens, self.block_size)
+        pages = self.pages(prompt_len, num_tokens)
+        if chunked:
+            pages += row_offset(self.kept_of(prompt_len), prompt_len, self.block_size)
+        return pages
 
     def pages(self, prompt_len: int, num_tokens: int) -> int:
         if num_tokens < prompt_len:

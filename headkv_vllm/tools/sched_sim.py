@@ -12,7 +12,7 @@ per step), for three setups at the same shapes and the same pool bytes:
   group (a block is 16 tokens of all KV heads of all layers), prefix caching on
   (prompts are hashed, full blocks cached), chunked prefill on.
 - ``stock-plain``: stock blocks with the scheduler settings HEADKV runs with (prefix
-  caching off, chunked prefill off): isolates what the block layout costs.
+  caching off, chunked prefill on): isolates what the block layout costs.
 - ``headkv``: the plugin's setup (``--attention-backend headkv``, its engine settings
   applied by its config hook), one ``HeadKVSpec`` group per layer, ``HeadKVManager``;
   budgets: SnapKV-style uniform, KV size 128 (window 8) on every KV head.
@@ -192,7 +192,7 @@ def _engine_args(shape: ModelShape, variant: str, model_dir: str, spec: dict) ->
     if variant == "stock":
         return dict(common, enable_prefix_caching=True, enable_chunked_prefill=True)
     if variant == "stock-plain":
-        return dict(common, enable_prefix_caching=False, enable_chunked_prefill=False)
+        return dict(common, enable_prefix_caching=False, enable_chunked_prefill=True)
     return dict(common, attention_backend="headkv",
                 additional_config={"headkv": {"policy": "snapkv", "kv_size": spec["kv_size"], "window": WINDOW}})
 
