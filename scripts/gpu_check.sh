@@ -40,7 +40,7 @@ COMMAND="bash scripts/gpu_check.sh${*:+ $*}"
 DEADLINE_S=${GPU_CHECK_DEADLINE_S:-450}
 RESULTS=${GPU_CHECK_RESULTS:-results/gpu_check}
 TEST_FILES=${GPU_CHECK_TESTS:-"tests/test_kernels_decode.py tests/test_kernels_select_store.py \
-tests/test_kernels_window_scores.py tests/test_kernels_bench.py tests/test_torch_ops.py tests/test_step_plan.py \
+tests/test_kernels_window_scores.py tests/test_kernels_bench.py tests/test_torch_ops.py tests/test_step_plan.py tests/test_chunked_prefill_core.py \
 tests/test_gpu_step_check.py"}
 START=$(date +%s)
 

@@ -7,7 +7,7 @@ spec: {"engine": {LLM kwargs}, "prompts": [[token ids]], "sampling": {SamplingPa
 result (printed as ``ENGINE_PROBE_RESULT {json}``):
   {"async_scheduling": bool, "scheduler": class name, "num_blocks": int, "free_at_start": int, "free_at_end": int, "block_size": int,
    "steps": [{"running": int, "waiting": int, "free": int,
-              "requests": [{"id", "prompt_len", "computed", "pages": [per group]}]}],
+              "requests": [{"id", "prompt_len", "computed", "pages": [per group], "nulls": [per group]}]}],
    "preemptions": int, "token_ids": {request id: [...]},
    "plan_builds": [per step: step plans HEADKV's worker built in the step] (HEADKV only)}
 """
@@ -35,6 +35,14 @@ def force_async_scheduling() -> None:
         vllm_config.scheduler_config.async_scheduling = True
 
     cls.check_and_update_config = classmethod(check_and_update_config)
+
+
+def leading_nulls(blocks) -> int:
+    """Null entries at the front of a row (a chunked prompt's, once compressed)."""
+    n = 0
+    while n < len(blocks) and blocks[n].is_null:
+        n += 1
+    return n
 
 
 def main() -> None:
@@ -78,6 +86,7 @@ def main() -> None:
                     "prompt_len": req.num_prompt_tokens,
                     "computed": req.num_computed_tokens,
                     "pages": [len(m.req_to_blocks.get(req.request_id, ())) for m in managers],
+                    "nulls": [leading_nulls(m.req_to_blocks.get(req.request_id, ())) for m in managers],
                 }
                 for req in scheduler.running
             ],

@@ -5,8 +5,11 @@ in one step and once in chunks (chunks ending inside the observation window, a l
 chunk that also recomputes generated tokens, generated tokens recomputed in a later
 step); rows are filled as ``HeadKVManager`` fills them (uncompressed pages while
 chunked, then the leading entries nulled and their pages reused by other requests).
-Every position's attention output of every layer must agree, on both page stores, and
-the window queries saved between chunks must be gone at the end.
+Every position's attention output of every layer must agree, and the window queries
+saved between chunks must be gone at the end. Here: the block-table store (the CUDA
+route), on CUDA when there is one (the GPU check runs this file: Triton kernels), else
+on the CPU (the kernels' PyTorch references); tests/test_cpu_head_attention.py runs the
+same harness on the CPU store.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import torch
 from headkv_vllm.core.attention import HeadAttention, LayerStep
 from headkv_vllm.core.page_store import BlockTablePageStore
 from headkv_vllm.core.plan import KeptTable, StepInputs, WindowStash, build_step_plan
-from headkv_vllm.engine.cpu_page_store import CpuPageStore
 from headkv_vllm.method.budgets import Budgets
 from headkv_vllm.method.layout import PageCounter, row_offset
 
@@ -26,6 +28,7 @@ BUDGETS = Budgets(caps=((20, 3, 44), (9, 30, 1)), window=4)
 SCALE = D ** -0.5
 NUM_BLOCKS = 900
 DECODES = 3
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # (prompt, generated tokens recomputed with it, tokens per step until all are computed)
 CHUNKED = [
@@ -81,11 +84,11 @@ def tokens(requests, seed):
     return out
 
 
-def run(store, requests, seed=0):
+def run(store, requests, seed=0, device=DEVICE):
     """Outputs by (request, layer, position), and the stash left at the end."""
     manager, data = Manager(requests, seed), tokens(requests, seed=1)
     attention = HeadAttention(HQ, HKV, D, SCALE, pool_kernel=3)
-    pages = torch.randn(NUM_BLOCKS, 2, BS, D)  # stale data everywhere
+    pages = torch.randn(NUM_BLOCKS, 2, BS, D).to(device)  # stale data everywhere
     kept_table, stash = KeptTable(BUDGETS), WindowStash()
     total = [0] * len(requests)
     outputs = {}
@@ -103,33 +106,34 @@ def run(store, requests, seed=0):
         inputs = StepInputs(query_start_loc=qsl, seq_lens=torch.tensor(total),
                             prompt_lens=torch.tensor([n for n, _, _ in requests]), num_actual_tokens=int(qsl[-1]),
                             row_counts=counts, request_keys=tuple(f"req-{r}" for r in range(len(requests))))
-        plan = build_step_plan(inputs, kept_table, BS, "cpu", window_stash=stash)
+        plan = build_step_plan(inputs, kept_table, BS, device, window_stash=stash)
         for layer in range(LAYERS):
             rows = [torch.arange(c, t) for c, t in zip(computed, total)]
-            q, k, v = (torch.cat([data[r][layer][i][rows[r]] for r in range(len(requests))]) for i in range(3))
+            q, k, v = (torch.cat([data[r][layer][i][rows[r]] for r in range(len(requests))]).to(device)
+                       for i in range(3))
             out = torch.zeros_like(q)
-            state = store.layer_state(plan, layer, manager.tables[layer])
+            state = store.layer_state(plan, layer, manager.tables[layer].to(device))
             attention.forward(LayerStep(plan, layer, store, state), q, k, v, pages, out)
             at = 0
             for r, positions in enumerate(rows):
                 for p in positions.tolist():
-                    outputs[(r, layer, p)] = out[at]
+                    outputs[(r, layer, p)] = out[at].cpu()
                     at += 1
     return outputs, stash
 
 
-@pytest.mark.parametrize("store", ["block-table", "cpu"])
-def test_chunked_prefill_equals_one_step_prefill(store):
-    def make():
-        return BlockTablePageStore(BS) if store == "block-table" else CpuPageStore(torch.float32, BS, D, HQ, HKV)
-
-    whole, _ = run(make(), ONE_STEP)
-    chunked, stash = run(make(), CHUNKED)
+def assert_chunked_equals_one_step(make_store, device=DEVICE) -> None:
+    whole, _ = run(make_store(), ONE_STEP, device=device)
+    chunked, stash = run(make_store(), CHUNKED, device=device)
     assert whole.keys() <= chunked.keys()  # the chunked run takes more steps, so decodes longer
     for key in whole:
-        # fp32; prompt attention sums in another order when split into chunks
+        # fp32 (TF32 off); prompt attention sums in another order when split into chunks
         torch.testing.assert_close(chunked[key], whole[key], atol=1e-4, rtol=1e-4, msg=f"(request, layer, position) {key}")
     assert len(stash) == 0
+
+
+def test_chunked_prefill_equals_one_step_prefill():
+    assert_chunked_equals_one_step(lambda: BlockTablePageStore(BS))
 
 
 def test_the_stash_refuses_a_missing_window():

@@ -81,3 +81,13 @@ def test_cpu_prompt_attention_equals_sdpa(num_q_heads, num_kv_heads):
         q, k, v = (t.view(m, -1, d) for t in qkv.split([num_q_heads * d, num_kv_heads * d, num_kv_heads * d], -1))
         torch.testing.assert_close(attend(q, k, v, plan, 0.125), sdpa_prefill(q, k, v, plan, 0.125),
                                    **TOLERANCE[torch.float32])
+
+
+def test_chunked_prefill_equals_one_step_prefill_on_the_cpu_store():
+    """tests/test_chunked_prefill_core.py's scenario on the CPU store: prompt chunks in plain
+    uncompressed pages and vLLM's CPU attention over earlier chunks; compressed pages
+    written and read by vLLM's CPU ops."""
+    from test_chunked_prefill_core import D, HKV, HQ, BS, assert_chunked_equals_one_step
+    from headkv_vllm.engine.cpu_page_store import CpuPageStore
+
+    assert_chunked_equals_one_step(lambda: CpuPageStore(torch.float32, BS, D, HQ, HKV), device=torch.device("cpu"))

@@ -42,14 +42,20 @@ LOGPROB_ATOL = 1e-3
 
 
 @pytest.mark.slow
-# Every policy, and both sizes of HEADKV (~50 s of engine each on two cores).
-@pytest.mark.parametrize("policy, kv_size", [("headkv", 64), ("headkv", 128), ("snapkv", 128), ("pyramidkv", 64)])
-def test_compressed_matches_reference(model_dir, haystack_ids, reference, policy, kv_size):
+# Every policy, and both sizes of HEADKV (~50 s of engine each on two cores); prompts in
+# one step, or in chunks of ``chunk`` tokens (docs/kv_layout.md, "Chunked prefill"). With
+# 331: the 1000-token prompt's last chunk is 7 tokens (window 8: one window query comes
+# from the chunk before), and the 2800-token prompt is chunked while the first decodes.
+@pytest.mark.parametrize("policy, kv_size, chunk", [("headkv", 64, None), ("headkv", 128, 331), ("snapkv", 128, 256),
+                                                    ("pyramidkv", 64, 512)])
+def test_compressed_matches_reference(model_dir, haystack_ids, reference, policy, kv_size, chunk):
     # headkv: the committed SmolLM2 R2 scores, found by the engine's default lookup
     cfg = {"policy": policy, "kv_size": kv_size}
     prompts = [haystack_ids[1000:2000], haystack_ids[12000:14800]]
     steps = 16
-    out = run_llm({"engine": engine(model_dir, **cfg), "prompts": prompts,
+    chunking = {"enable_chunked_prefill": True, "max_num_batched_tokens": chunk} if chunk else \
+        {"max_num_batched_tokens": 4096}
+    out = run_llm({"engine": {**engine(model_dir, **cfg), **chunking}, "prompts": prompts,
                    "sampling": dict(temperature=0.0, max_tokens=steps, ignore_eos=True, logprobs=5)})
     budgets, _ = resolve_budgets(HeadKVConfig.from_mapping(cfg), SMOL)
     for i, prompt in enumerate(prompts):
@@ -75,12 +81,14 @@ def assert_same_outputs(route: dict, cpu: dict) -> None:
 def test_block_table_route_equals_cpu_route(model_dir, haystack_ids):
     """The CUDA route's wiring in the real engine: step plan -> block-table page store
     (the Triton kernels' PyTorch references on CPU tensors) -> pages, against the CPU
-    route (vLLM's CPU ops) on the same compressed requests."""
+    route (vLLM's CPU ops) on the same compressed requests; the block-table route
+    prefills in chunks of 256 tokens (rows with leading nulls), the CPU route in one step."""
     cfg = {"policy": "headkv", "kv_size": 64}
     prompts = [haystack_ids[0:700], haystack_ids[3000:4100], haystack_ids[8000:8030]]
     spec = {"prompts": prompts, "sampling": dict(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5)}
-    cpu = run_llm({"engine": engine(model_dir, **cfg), **spec})
-    table = run_llm({"engine": engine(model_dir, **cfg, page_store="block-table"), **spec})
+    cpu = run_llm({"engine": {**engine(model_dir, **cfg), "max_num_batched_tokens": 4096}, **spec})
+    table = run_llm({"engine": {**engine(model_dir, **cfg, page_store="block-table"), "enable_chunked_prefill": True,
+                                "max_num_batched_tokens": 256}, **spec})
     assert_same_outputs(table, cpu)
 
 
@@ -89,13 +97,15 @@ def test_triton_route_equals_cpu_route(model_dir, haystack_ids):
     """Exactly the CUDA route (step plan -> block-table page store -> the Triton
     kernels, run by Triton's interpreter on CPU tensors) in the real engine, against
     the CPU route (vLLM's CPU ops): a compressed prompt (each head keeps 64 of 150
-    tokens) and an uncompressed one (30 tokens), prefilled in one step, then decoded
-    together. Catches wiring, layout and indexing bugs of the CUDA route before a GPU
-    sees it (the interpreter is slow: short prompts, few tokens)."""
+    tokens) and an uncompressed one (30 tokens), decoded together; the Triton route
+    prefills in chunks of 64 tokens, the CPU route in one step. Catches wiring, layout
+    and indexing bugs of the CUDA route before a GPU sees it (the interpreter is slow:
+    short prompts, few tokens)."""
     cfg = {"policy": "snapkv", "kv_size": 64}
     prompts = [haystack_ids[3000:3150], haystack_ids[8000:8030]]
     spec = {"prompts": prompts, "sampling": dict(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=5)}
-    cpu = run_llm({"engine": engine(model_dir, **cfg), **spec})
+    cpu = run_llm({"engine": {**engine(model_dir, **cfg), "max_num_batched_tokens": 4096}, **spec})
     assert os.environ["TRITON_INTERPRET"] == "1"  # set by conftest without CUDA; the engine inherits it
-    triton = run_llm({"engine": engine(model_dir, **cfg, page_store="block-table-triton"), **spec})
+    triton = run_llm({"engine": {**engine(model_dir, **cfg, page_store="block-table-triton"),
+                                 "enable_chunked_prefill": True, "max_num_batched_tokens": 64}, **spec})
     assert_same_outputs(triton, cpu)
