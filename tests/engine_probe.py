@@ -7,7 +7,7 @@ spec: {"engine": {LLM kwargs}, "prompts": [[token ids]], "sampling": {SamplingPa
 result (printed as ``ENGINE_PROBE_RESULT {json}``):
   {"async_scheduling": bool, "scheduler": class name, "num_blocks": int, "free_at_start": int, "free_at_end": int, "block_size": int,
    "steps": [{"running": int, "waiting": int, "free": int,
-              "requests": [{"id", "prompt_len", "computed", "pages": [per group], "nulls": [per group]}]}],
+              "requests": [{"id", "prompt_len", "computed", "pages": [per group], "nulls": [per group], "preemptions"}]}],
    "preemptions": int, "token_ids": {request id: [...]},
    "plan_builds": [per step: step plans HEADKV's worker built in the step] (HEADKV only)}
 """
@@ -85,6 +85,7 @@ def main() -> None:
                     "id": req.request_id.rsplit("-", 1)[0],  # vLLM appends a random suffix
                     "prompt_len": req.num_prompt_tokens,
                     "computed": req.num_computed_tokens,
+                    "preemptions": req.num_preemptions,
                     "pages": [len(m.req_to_blocks.get(req.request_id, ())) for m in managers],
                     "nulls": [leading_nulls(m.req_to_blocks.get(req.request_id, ())) for m in managers],
                 }

@@ -13,7 +13,7 @@ from headkv_vllm.tools.bench import parse_args
 from headkv_vllm.tools.bench_run import (add_ratios, bench_table, kv_bytes_per_request, latency_stats, stock_kv_bytes_for,
                                    stock_request_bytes)
 from headkv_vllm.tools.methods import Method
-from headkv_vllm.tools.plots import bench_plot
+from headkv_vllm.tools.plots import bench_plot, itl_plot
 from headkv_vllm.method.scores import ModelIdentity
 from headkv_vllm.tools.serve_process import GaugeWatcher
 
@@ -101,6 +101,8 @@ def test_unread_gauges_show_as_unknown_not_zero(tmp_path):
     row = next(line for line in bench_table(result).splitlines() if line.startswith("| SnapKV @ 32"))
     assert "| - | - |" in row
     assert bench_plot(result, tmp_path / "b.png").stat().st_size > 0
+    result["configs"][0]["itl_percentiles_s"] = [0.01 * (1 + q / 10) for q in range(101)]
+    assert itl_plot(result, tmp_path / "itl.png").stat().st_size > 0  # configs without a distribution are left out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -143,3 +145,7 @@ def test_small_run_stock_and_headkv_at_the_same_kv_bytes(model_dir, tmp_path):
     assert stock["peak_running"] <= 3 and headkv["peak_running"] == 6
     assert headkv["peak_running_x_stock"] >= 2
     assert (out / "smoke.png").stat().st_size > 0 and "stock vLLM" in (out / "smoke.md").read_text()
+    assert (out / "smoke_itl.png").stat().st_size > 0
+    for c in (stock, headkv):
+        pct = c["itl_percentiles_s"]
+        assert len(pct) == 101 and pct == sorted(pct) and pct[99] == c["itl_p99_s"] and pct[100] == c["itl_max_s"]

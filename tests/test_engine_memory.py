@@ -32,10 +32,16 @@ def check_pages_every_step(result: dict, budgets) -> dict:
     counts it: uncompressed pages while a prompt is chunked; past the prompt the head
     pages, plus (for a prompt prefilled in chunks) its leading entries, still held right
     after the last chunk and null from the next step on. Returns what was seen."""
-    seen = {"compressed": 0, "chunks": 0, "held_offsets": 0, "null_offsets": 0}
+    seen = {"compressed": 0, "chunks": 0, "held_offsets": 0, "null_offsets": 0,
+            "preempted_mid_prefill": 0, "preempted_after_prefill": 0}
+    last = {}  # request id -> (computed, preemptions) when last seen running
     for step in result["steps"]:
         for req in step["requests"]:
             n, t = req["prompt_len"], req["computed"]
+            before = last.get(req["id"])
+            if before is not None and req["preemptions"] > before[1]:  # preempted since: where was it?
+                seen["preempted_mid_prefill" if before[0] < n else "preempted_after_prefill"] += 1
+            last[req["id"]] = (t, req["preemptions"])
             if t < n:
                 if t:
                     assert req["pages"] == [SMOL.num_kv_heads * math.ceil(t / BLOCK)] * SMOL.num_layers, req
@@ -127,6 +133,9 @@ def test_preemption_and_small_token_budget_keep_outputs(model_dir, haystack_ids,
     assert small["preemptions"] > 0
     seen = check_pages_every_step(small, budgets)
     assert seen["chunks"] and seen["held_offsets"] and seen["null_offsets"], seen
+    # The pool fits one uncompressed 1024-token prompt: the request in the middle of its
+    # prefill holds the most pages and is the one vLLM preempts (again and again).
+    assert seen["preempted_mid_prefill"], seen
     check_one_plan_per_step(small)
     assert small["free_at_end"] == small["free_at_start"]
     assert [small["token_ids"][str(i)] for i in range(len(prompts))] == full["token_ids"]
@@ -144,14 +153,18 @@ def test_async_scheduling_with_preemption_keeps_outputs(model_dir, haystack_ids,
     prompts = [haystack_ids[i * 1000 : i * 1000 + n] for i, n in enumerate(lengths)]
     max_len, max_tokens = 1024, 80
     pool = SMOL.num_layers * SMOL.num_kv_heads * math.ceil(max_len / BLOCK) + 200
+    # prompts in chunks: the scheduler frees a chunked prompt's leading pages only once
+    # the step with its last chunk has run, not when it is scheduled
     base = {"engine": {**engine(model_dir, **cfg), "max_model_len": max_len, "max_num_seqs": 16,
-                       "kv_cache_memory_bytes": (pool + 1) * HEAD_PAGE_BYTES},
+                       "kv_cache_memory_bytes": (pool + 1) * HEAD_PAGE_BYTES,
+                       "enable_chunked_prefill": True, "max_num_batched_tokens": 512},
             "prompts": prompts, "sampling": dict(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)}
     sync = probe(base)
     overlapped = probe({**base, "async_scheduling": True})
     assert overlapped["async_scheduling"] and overlapped["scheduler"] == "AsyncScheduler"
     assert not sync["async_scheduling"]
     assert overlapped["preemptions"] > 0
-    check_pages_every_step(overlapped, budgets)
+    seen = check_pages_every_step(overlapped, budgets)
+    assert seen["chunks"] and seen["null_offsets"], seen
     assert overlapped["free_at_end"] == overlapped["free_at_start"]
     assert overlapped["token_ids"] == sync["token_ids"]

@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from headkv_vllm.method.layout import PageCounter, head_lengths, num_head_pages, page_positions
+from headkv_vllm.method.layout import PageCounter, head_lengths, num_head_pages, page_positions, row_offset
 
 
 def brute_positions(kept, bs, pages_per_head):
@@ -58,3 +58,15 @@ def test_page_counter_equals_the_sum_over_heads(seed):
         n = rng.randint(1, 3000)
         t = rng.randint(1, n + 600)
         assert counter.pages(n, t) == num_head_pages(kept_of(n), n, t, bs), (n, t)
+
+
+def test_row_entries_of_a_chunked_prompt():
+    # kept (20, 3, 44) of a 50-token prompt, 16-token pages: compressed 2 + 1 + 3 = 6 pages,
+    # uncompressed 3 heads x 4 pages = 12
+    counter = PageCounter(lambda n: (20, 3, 44), 16)
+    assert counter.row_entries(50, 30, chunked=True) == 3 * 2  # mid-prompt: every head, uncompressed
+    assert row_offset((20, 3, 44), 50, 16) == 12 - 6
+    assert counter.row_entries(50, 50, chunked=True) == 6 + 6  # leading entries + compressed pages
+    assert counter.row_entries(50, 50, chunked=False) == 6
+    # 13 generated: heads hold 33, 16, 57 tokens -> 3 + 1 + 4 pages, after the same 6 entries
+    assert counter.row_entries(50, 63, chunked=True) == 6 + 8

@@ -216,7 +216,7 @@ __all__ += [
     "FullAttentionSpec", "KVCacheLayout", "MultipleOf", "register_kv_cache_spec",
     "platform_worker_cls", "metadata_builders", "num_prompt_tokens", "request_ids", "live_request_ids", "seq_lens_cpu",
     "head_kv_group_layers", "pin_memory_available", "wrap_runner_kv_cache_spec", "init_profiling_kv_cache",
-    "dummy_run", "AttentionCGSupport", "block_table_device_bytes",
+    "dummy_run", "AttentionCGSupport", "block_table_device_bytes", "block_table_width",
 ]
 
 
@@ -315,6 +315,13 @@ def block_table_device_bytes(model_runner) -> int:
     """Bytes of the runner's block tables on the device, all KV-cache groups."""
     tables = model_runner.input_batch.block_table.block_tables
     return sum(t.block_table.gpu.numel() * t.block_table.gpu.element_size() for t in tables)
+
+
+def block_table_width(max_num_blocks: int, block_size: int) -> int:
+    """Width vLLM gives a group's block table (rounded up to whole 128-token spans)."""
+    from vllm.v1.worker.block_table import get_block_table_width
+
+    return get_block_table_width(max_num_blocks, block_size)
 
 
 def block_table_row_counts(model_runner, group_id: int):

@@ -18,6 +18,7 @@ from headkv_vllm.engine.compat import (
     AttentionSpec,
     FullAttentionSpec,
     SingleTypeKVCacheManager,
+    block_table_width,
     cdiv,
     extract_layer_index,
     register_kv_cache_spec,
@@ -70,7 +71,8 @@ def block_table_bytes(specs: dict, vllm_config) -> int:
     does not count it (it is allocated with the KV cache)."""
     max_len = vllm_config.model_config.max_model_len
     slots = vllm_config.scheduler_config.max_num_seqs
-    return sum(slots * s.max_num_blocks_per_req(vllm_config, max_len) * 4 for s in specs.values())
+    return sum(slots * block_table_width(s.max_num_blocks_per_req(vllm_config, max_len), s.block_size) * 4
+               for s in specs.values())
 
 
 def to_head_specs(specs: dict, budgets: Budgets) -> dict:

@@ -56,13 +56,14 @@ def run_bench(args: argparse.Namespace, model: ModelIdentity, methods: list[Meth
         result["configs"].append(run)
         add_ratios(result["configs"])
         json_path.write_text(json.dumps(result, indent=1))
-    from headkv_vllm.tools.plots import bench_plot
+    from headkv_vllm.tools.plots import bench_plot, itl_plot
 
     table = bench_table(result)
     (out / f"{args.name}.md").write_text(table + "\n")
     png = bench_plot(result, out / f"{args.name}.png")
+    itl_png = itl_plot(result, out / f"{args.name}_itl.png")
     print(table)
-    print(f"wrote {json_path}, {out / f'{args.name}.md'}, {png}")
+    print(f"wrote {json_path}, {out / f'{args.name}.md'}, {png}, {itl_png}")
     return 0 if all("error" not in c for c in result["configs"]) else 1
 
 
@@ -201,6 +202,11 @@ def latency_stats(timings: list[dict]) -> dict:
         "total_tokens_per_s": (out_tokens + sum(t["prompt_tokens"] for t in timings)) / duration,
         "output_tokens": out_tokens, "ttft_mean_s": sum(ttft) / len(ttft), "ttft_p99_s": _pct(ttft, 99),
         "itl_mean_s": sum(itl) / len(itl) if itl else None, "itl_p99_s": _pct(itl, 99),
+        "itl_p50_s": _pct(itl, 50), "itl_max_s": max(itl, default=None),
+        # the distribution for the ITL plot: percentiles 0, 1, ..., 100
+        "itl_percentiles_s": [_pct(itl, q) if q else min(itl) for q in range(101)] if itl else None,
+        # decode stalls: inter-token gaps over 1 s, and their total
+        "itl_stalls_over_1s": sum(g > 1.0 for g in itl), "itl_stall_time_s": sum(g for g in itl if g > 1.0),
     }
 
 

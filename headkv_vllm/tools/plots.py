@@ -113,5 +113,32 @@ def bench_plot(result: dict, path: Path) -> Path:
     return path
 
 
+def itl_plot(result: dict, path: Path) -> Path:
+    """Inter-token latency distribution of every configuration: the share of gaps between
+    two streamed tokens of a request that are at most x. A decode that stalls behind a
+    long prefill shows as a tail to the right."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for c in result["configs"]:
+        pct = c.get("itl_percentiles_s")
+        if "error" in c or not pct:
+            continue
+        ax.plot([1000 * v for v in pct], [q / 100 for q in range(len(pct))], label=c["config"],
+                linestyle="--" if c["method"] == "full" else "-")
+    ax.set_xscale("log")
+    ax.set_xlabel("inter-token latency (ms, log)")
+    ax.set_ylabel("share of inter-token gaps")
+    ax.set_ylim(0, 1.01)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    w = result["workload"]
+    ax.set_title(f"{result['model']}: {w['num_requests']} requests, {w['prompt_tokens'][0]}-{w['prompt_tokens'][1]} "
+                 f"prompt + {w['output_tokens']} output tokens", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
