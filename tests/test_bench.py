@@ -120,6 +120,16 @@ def test_bad_options_are_named(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_vllm_args_reach_every_server_command():
+    import shlex
+
+    from headkv_vllm.tools.serve_process import ServerConfig
+
+    args = parse_args(["--vllm-args", "--watermark 0.05 --max-num-batched-tokens 1024"])
+    cmd = ServerConfig(model="m", extra_args=tuple(shlex.split(args.vllm_args))).command(8000)
+    assert cmd[-4:] == ["--watermark", "0.05", "--max-num-batched-tokens", "1024"]
+
+
 @pytest.mark.slow
 def test_small_run_stock_and_headkv_at_the_same_kv_bytes(model_dir, tmp_path):
     out = tmp_path / "bench"

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import shlex
 import time
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def measure(method: Method, prompts: list[list[int]], kv_bytes: int, args: argpa
     run = {"config": label, "method": method.name, "kv_size": method.kv_size}
     max_len = -(-(args.prompt_range[1] + args.output_tokens + 16) // 64) * 64
     config = ServerConfig(model=args.model, headkv=method.headkv, max_model_len=max_len, kv_cache_memory_bytes=kv_bytes,
-                          max_num_seqs=args.max_num_seqs)
+                          max_num_seqs=args.max_num_seqs, extra_args=tuple(shlex.split(args.vllm_args)))
     slug = "stock" if method.name == FULL else f"{method.name}_{method.kv_size}"
     try:
         with VllmServer(config, out / "logs" / f"{args.name}_{slug}.log") as server:
