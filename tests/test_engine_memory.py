@@ -111,7 +111,8 @@ def test_ten_times_more_long_requests_decode_at_the_same_cache_size(model_dir, h
 def test_preemption_and_small_token_budget_keep_outputs(model_dir, haystack_ids, skewed_scores):
     cfg = {"policy": "headkv", "kv_size": 128, "scores": skewed_scores}
     budgets, _ = resolve_budgets(HeadKVConfig.from_mapping(cfg), SMOL)
-    lengths = [600, 900, 650, 850, 700, 800, 750, 880]
+    # prompts up to 512 tokens are prefilled in one step, the longer ones in chunks of 512
+    lengths = [300, 900, 350, 330, 400, 380, 450, 880]
     prompts = [haystack_ids[i * 1000 : i * 1000 + n] for i, n in enumerate(lengths)]
     max_tokens = 100
     sampling = dict(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -120,7 +121,8 @@ def test_preemption_and_small_token_budget_keep_outputs(model_dir, haystack_ids,
                     "prompts": prompts, "sampling": sampling})
 
     # The smallest pool vLLM accepts holds one uncompressed max-length request; the
-    # compressed requests admitted into it outgrow it while decoding.
+    # compressed requests admitted into it outgrow it while decoding. (A chunked prompt is
+    # admitted only when its uncompressed pages are free, so it is rarely the victim.)
     pool = SMOL.num_layers * SMOL.num_kv_heads * math.ceil(max_len / BLOCK) + 200
     assert pool < sum(sum(expected_pages(budgets, n, n + max_tokens)) for n in lengths)
     small = probe({
@@ -133,9 +135,7 @@ def test_preemption_and_small_token_budget_keep_outputs(model_dir, haystack_ids,
     assert small["preemptions"] > 0
     seen = check_pages_every_step(small, budgets)
     assert seen["chunks"] and seen["held_offsets"] and seen["null_offsets"], seen
-    # The pool fits one uncompressed 1024-token prompt: the request in the middle of its
-    # prefill holds the most pages and is the one vLLM preempts (again and again).
-    assert seen["preempted_mid_prefill"], seen
+    assert seen["preempted_mid_prefill"] + seen["preempted_after_prefill"] > 0, seen
     check_one_plan_per_step(small)
     assert small["free_at_end"] == small["free_at_start"]
     assert [small["token_ids"][str(i)] for i in range(len(prompts))] == full["token_ids"]
@@ -149,7 +149,7 @@ def test_async_scheduling_with_preemption_keeps_outputs(model_dir, haystack_ids,
     comes back whole and the outputs equal synchronous scheduling's."""
     cfg = {"policy": "headkv", "kv_size": 128, "scores": skewed_scores}
     budgets, _ = resolve_budgets(HeadKVConfig.from_mapping(cfg), SMOL)
-    lengths = [600, 900, 650, 850, 700, 800]
+    lengths = [300, 900, 350, 850, 400, 800]  # one step, or chunks of 512
     prompts = [haystack_ids[i * 1000 : i * 1000 + n] for i, n in enumerate(lengths)]
     max_len, max_tokens = 1024, 80
     pool = SMOL.num_layers * SMOL.num_kv_heads * math.ceil(max_len / BLOCK) + 200

@@ -94,10 +94,11 @@ class BlockTablePageStore:
         kept, lengths = plan.kept[layer], plan.lengths[layer]
         rows = block_table
         if plan.has_offsets:
-            # Rows of chunked prompts start with null entries: the kernels read the rows past them.
-            # TODO(perf): an offset argument in the kernels instead of this gather per layer.
-            num_rows, width = kept.shape[0], block_table.shape[1]
-            index = torch.arange(width, device=block_table.device)[None, :] + plan.offsets[layer][:, None].long()
+            # Rows of chunked prompts start with null entries: the kernels read the rows past them,
+            # up to the most pages a row holds. TODO(perf): an offset argument in the kernels.
+            (num_rows, num_heads), width = kept.shape, block_table.shape[1]
+            used = min(width, num_heads * plan.max_pages)
+            index = torch.arange(used, device=block_table.device)[None, :] + plan.offsets[layer][:, None].long()
             block_table = block_table[:num_rows].gather(1, index.clamp_(max=width - 1))
         if plan.decode_req_span is not None:  # the usual case: views, no copy of table rows
             a, b = plan.decode_req_span

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from headkv_vllm.method.budgets import Budgets
-from headkv_vllm.method.layout import PageCounter, num_head_pages, row_offset
+from headkv_vllm.method.layout import PageCounter, num_head_pages, row_offset, uncompressed_pages
 from headkv_vllm.engine.compat import (
     AttentionSpec,
     FullAttentionSpec,
@@ -32,6 +32,9 @@ class HeadKVSpec(FullAttentionSpec):
 
     layer_index: int = -1
     budgets: Budgets | None = None
+    # A step's token budget when chunked prefill is on (0: off): longer prompts are
+    # certainly prefilled in chunks, so admission counts their uncompressed pages.
+    chunk_tokens: int = 0
 
     @property
     def prefix_cacheable(self) -> bool:
@@ -75,7 +78,7 @@ def block_table_bytes(specs: dict, vllm_config) -> int:
                for s in specs.values())
 
 
-def to_head_specs(specs: dict, budgets: Budgets) -> dict:
+def to_head_specs(specs: dict, budgets: Budgets, chunk_tokens: int = 0) -> dict:
     """Turn the runner's per-layer attention specs into per-layer HeadKVSpecs."""
     out = {}
     for name, spec in specs.items():
@@ -97,6 +100,7 @@ def to_head_specs(specs: dict, budgets: Budgets) -> dict:
             num_head_slots=1,
             layer_index=layer,
             budgets=budgets,
+            chunk_tokens=chunk_tokens,
         )
     return out
 
@@ -138,7 +142,21 @@ class HeadKVManager(SingleTypeKVCacheManager):
         if len(new_computed_blocks):
             raise AssertionError("HeadKV: prefix-cache hits must not happen (prefix caching is off)")
         held = len(self.req_to_blocks.get(request_id, ()))
+        if kwargs.get("apply_admission_cap") and not held:
+            return self._admission_pages(num_tokens)
         return max(0, self._pages(request_id, num_tokens) - held)
+
+    def _admission_pages(self, num_tokens: int) -> int:
+        """vLLM's admission check of a waiting request (its whole sequence must fit, before
+        the manager hears its prompt length). A prompt longer than a step's token budget is
+        certainly prefilled in chunks and holds every head uncompressed at its last chunk;
+        counting only its compressed pages admitted prompts whose later chunks then
+        preempted them, again and again. A shorter prompt is counted compressed (it may
+        still be chunked when other requests share its step)."""
+        spec = self.kv_cache_spec
+        if spec.chunk_tokens and num_tokens > spec.chunk_tokens:
+            return uncompressed_pages(spec.num_kv_heads, num_tokens, self.block_size)
+        return self.counter.pages(num_tokens, num_tokens)
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         req_blocks = self.req_to_blocks[request_id]

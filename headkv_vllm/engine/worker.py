@@ -21,7 +21,9 @@ class HeadKVWorker(platform_worker_cls()):
         self._headkv_config, self._budgets, self._budget_origin = headkv_from_vllm_config(self.vllm_config)
         # Every KV cache vLLM builds from this runner (the CUDA-graph memory profile's
         # included) gets head-page specs.
-        wrap_runner_kv_cache_spec(self.model_runner, lambda specs: to_head_specs(specs, self._budgets))
+        sched = self.vllm_config.scheduler_config
+        chunk_tokens = sched.max_num_batched_tokens if sched.enable_chunked_prefill else 0
+        wrap_runner_kv_cache_spec(self.model_runner, lambda specs: to_head_specs(specs, self._budgets, chunk_tokens))
 
     def determine_available_memory(self) -> int:
         available = super().determine_available_memory()

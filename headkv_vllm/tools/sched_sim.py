@@ -197,7 +197,7 @@ def _engine_args(shape: ModelShape, variant: str, model_dir: str, spec: dict) ->
                 additional_config={"headkv": {"policy": "snapkv", "kv_size": spec["kv_size"], "window": WINDOW}})
 
 
-def _layer_specs(shape: ModelShape, variant: str, kv_size: int) -> tuple[dict, object]:
+def _layer_specs(shape: ModelShape, variant: str, kv_size: int, chunk_tokens: int) -> tuple[dict, object]:
     import torch
 
     from headkv_vllm.engine.compat import FullAttentionSpec
@@ -212,7 +212,7 @@ def _layer_specs(shape: ModelShape, variant: str, kv_size: int) -> tuple[dict, o
         return specs, None
     caps = snapkv_caps(shape.num_layers, heads, kv_size, WINDOW)
     budgets = Budgets(tuple(tuple(r) for r in caps), WINDOW, True)
-    return to_head_specs(specs, budgets), budgets
+    return to_head_specs(specs, budgets, chunk_tokens), budgets
 
 
 def _quantiles(values: list[float]) -> dict:
@@ -237,7 +237,7 @@ def run_one(spec: dict) -> dict:
         model_dir.mkdir()
         (model_dir / "config.json").write_text(json.dumps(shape.hf_config()))
         vllm_config = compat.engine_config(**_engine_args(shape, variant, str(model_dir), spec))
-    layer_specs, budgets = _layer_specs(shape, variant, spec["kv_size"])
+    layer_specs, budgets = _layer_specs(shape, variant, spec["kv_size"], spec["max_num_batched_tokens"])
     page = next(iter(layer_specs.values())).page_size_bytes
     pool_bytes = spec["kv_cache_bytes"]
 
