@@ -170,10 +170,6 @@ class KeptTable:
         return t
 
 
-class UnsupportedStep(RuntimeError):
-    pass
-
-
 class WindowStash:
     """Window queries of a chunked prompt computed before its last chunk, per request
     and layer, kept until the last chunk scores with them (docs/kv_layout.md, "Scoring
