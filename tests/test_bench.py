@@ -130,6 +130,15 @@ def test_vllm_args_reach_every_server_command():
     assert cmd[-4:] == ["--watermark", "0.05", "--max-num-batched-tokens", "1024"]
 
 
+def test_one_step_runs_turn_chunked_prefill_off_with_a_whole_prompt_budget():
+    from headkv_vllm.tools.bench_run import server_args
+
+    assert parse_args(["--one-step-too"]).one_step_too and not parse_args([]).one_step_too
+    assert server_args("--watermark 0.05", 3328, False) == ("--watermark", "0.05")
+    assert server_args("", 3328, True) == ("--no-enable-chunked-prefill", "--max-num-batched-tokens", "3328")
+    assert server_args("", 512, True)[-1] == "2048"
+
+
 @pytest.mark.slow
 def test_small_run_stock_and_headkv_at_the_same_kv_bytes(model_dir, tmp_path):
     out = tmp_path / "bench"

@@ -40,6 +40,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     size.add_argument("--stock-fits", type=float, default=4.0,
                       help="size the KV cache so stock vLLM holds this many average requests (default 4)")
     p.add_argument("--max-num-seqs", type=int, help="vLLM --max-num-seqs for every server (default: vLLM's)")
+    p.add_argument("--one-step-too", action="store_true",
+                   help="run each HEADKV config a second time with chunked prefill off (each prompt prefilled in "
+                        "one step), to compare inter-token latency of running decodes while prompts arrive")
     p.add_argument("--vllm-args", default="",
                    help="more `vllm serve` options for every server, e.g. '--watermark 0.05' (recorded in the JSON)")
     p.add_argument("--scores-r", help="score file for headkv-r (default: the 'R' file for the model in configs/)")

@@ -50,8 +50,11 @@ def run_bench(args: argparse.Namespace, model: ModelIdentity, methods: list[Meth
                 f"{os.cpu_count()} cores, shared with other work, so timings of different configs can differ by it",
     }
     json_path = out / f"{args.name}.json"
-    for method in methods:
-        run = measure(method, prompts, kv_bytes, args, out)
+    runs = [(m, False) for m in methods]
+    if args.one_step_too:
+        runs += [(m, True) for m in methods if m.headkv is not None]
+    for method, one_step in runs:
+        run = measure(method, prompts, kv_bytes, args, out, one_step)
         run["headkv"] = _portable(method.headkv)
         run["kv_bytes_per_request"] = kv_bytes_per_request(model, method, prompts, args.output_tokens)
         result["configs"].append(run)
@@ -113,15 +116,21 @@ def kv_bytes_per_request(model: ModelIdentity, method: Method, prompts: list[lis
     return sum(pages) / len(pages) * page_bytes
 
 
-def measure(method: Method, prompts: list[list[int]], kv_bytes: int, args: argparse.Namespace, out: Path) -> dict:
+def measure(method: Method, prompts: list[list[int]], kv_bytes: int, args: argparse.Namespace, out: Path,
+            one_step: bool = False) -> dict:
+    """One server, the whole workload. ``one_step``: chunked prefill off (vLLM then needs a
+    step's token budget of at least ``max_model_len``; 2048, vLLM's CPU default, if larger)."""
     from headkv_vllm.tools.serve_process import GaugeWatcher, ServerConfig, ServerError, VllmServer
 
     label = "stock vLLM" if method.name == FULL else method.label
-    run = {"config": label, "method": method.name, "kv_size": method.kv_size}
     max_len = -(-(args.prompt_range[1] + args.output_tokens + 16) // 64) * 64
+    extra = server_args(args.vllm_args, max_len, one_step)
+    label += " (one-step prefill)" if one_step else ""
+    prefill = "one-step" if "--no-enable-chunked-prefill" in extra else "chunked"
+    run = {"config": label, "method": method.name, "kv_size": method.kv_size, "prefill": prefill}
     config = ServerConfig(model=args.model, headkv=method.headkv, max_model_len=max_len, kv_cache_memory_bytes=kv_bytes,
-                          max_num_seqs=args.max_num_seqs, extra_args=tuple(shlex.split(args.vllm_args)))
-    slug = "stock" if method.name == FULL else f"{method.name}_{method.kv_size}"
+                          max_num_seqs=args.max_num_seqs, extra_args=extra)
+    slug = ("stock" if method.name == FULL else f"{method.name}_{method.kv_size}") + ("_one_step" if one_step else "")
     try:
         with VllmServer(config, out / "logs" / f"{args.name}_{slug}.log") as server:
             run["server"] = {"command": "vllm serve " + " ".join(server.command[2:]).replace(str(server.port), "PORT"),
@@ -147,6 +156,13 @@ def measure(method: Method, prompts: list[list[int]], kv_bytes: int, args: argpa
         return run
     run.update(latency_stats(timings))
     return run
+
+
+def server_args(vllm_args: str, max_len: int, one_step: bool) -> tuple[str, ...]:
+    extra = tuple(shlex.split(vllm_args))
+    if one_step:
+        extra += ("--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(max_len, 2048)))
+    return extra
 
 
 async def _warm_up(base_url: str, model: str) -> None:
