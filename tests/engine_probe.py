@@ -3,13 +3,15 @@ every engine step, what the scheduler holds: running / waiting requests, free
 pages of the pool, and each running request's pages per KV-cache group.
 
 spec: {"engine": {LLM kwargs}, "prompts": [[token ids]], "sampling": {SamplingParams kwargs},
-       "async_scheduling": bool (optional: on, as on CUDA)}
+       "async_scheduling": bool (optional: on, as on CUDA),
+       "squeeze": ["mid_prefill" | "decode", ...] (optional: memory pressure, see Squeeze)}
 result (printed as ``ENGINE_PROBE_RESULT {json}``):
   {"async_scheduling": bool, "scheduler": class name, "num_blocks": int, "free_at_start": int, "free_at_end": int, "block_size": int,
    "steps": [{"running": int, "waiting": int, "free": int,
               "requests": [{"id", "prompt_len", "computed", "pages": [per group], "nulls": [per group], "preemptions"}]}],
    "preemptions": int, "token_ids": {request id: [...]},
-   "plan_builds": [per step: step plans HEADKV's worker built in the step] (HEADKV only)}
+   "plan_builds": [per step: step plans HEADKV's worker built in the step] (HEADKV only),
+   "squeezes": [{"phase", "step", "pages", "released_at"}]}
 """
 
 import json
@@ -45,6 +47,44 @@ def leading_nulls(blocks) -> int:
     return n
 
 
+class Squeeze:
+    """Memory pressure at a chosen moment: when the last running request (the one
+    vLLM's FCFS scheduler preempts first) is in the phase named, every free page of
+    the pool is taken, as if other requests held them; they go back right after the
+    step in which the scheduler preempted. vLLM's own preemption path does the rest.
+
+    phases: "mid_prefill" (the last running request has some, not all, of its prompt
+    computed: a prompt in chunks) and "decode" (every running request is past its prompt)."""
+
+    def __init__(self, pool, phases: list[str]):
+        self.pool, self.phases, self.held, self.log = pool, list(phases), None, []
+
+    def after_step(self, step: int, running, preemptions: int) -> None:
+        if self.held is not None:
+            if preemptions > self.held[1]:
+                self.pool.free_blocks(self.held[0])
+                self.log[-1]["released_at"], self.held = step, None
+            return
+        if not self.phases or not running:
+            return
+        last = running[-1]
+        phase = self.phases[0]
+        if phase == "mid_prefill":
+            ready = 0 < last.num_computed_tokens < last.num_prompt_tokens
+        else:
+            ready = all(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
+        if ready and self.pool.get_num_free_blocks():
+            self.phases.pop(0)
+            blocks = self.pool.get_new_blocks(self.pool.get_num_free_blocks())
+            self.held = (blocks, preemptions)
+            self.log.append({"phase": phase, "step": step, "pages": len(blocks), "released_at": None})
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.pool.free_blocks(self.held[0])
+            self.held = None
+
+
 def main() -> None:
     spec = json.loads(sys.stdin.read())
     if spec.get("async_scheduling"):
@@ -67,12 +107,13 @@ def main() -> None:
         engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
 
     steps, token_ids, preempted = [], {}, {}
+    squeeze = Squeeze(pool, spec.get("squeeze", []))
     while engine.has_unfinished_requests():
         builds_before = planner.builds if planner else 0
         for out in engine.step():
             if out.finished:
                 token_ids[out.request_id] = list(out.outputs[0].token_ids)
-        for req in scheduler.running:
+        for req in list(scheduler.running) + list(scheduler.waiting):
             preempted[req.request_id] = req.num_preemptions
         if planner:
             plan_builds.append(planner.builds - builds_before)
@@ -92,6 +133,8 @@ def main() -> None:
                 for req in scheduler.running
             ],
         })
+        squeeze.after_step(len(steps), scheduler.running, sum(preempted.values()))
+    squeeze.release()
     result = {
         "async_scheduling": llm.llm_engine.vllm_config.scheduler_config.async_scheduling,
         "scheduler": type(scheduler).__name__,
@@ -102,6 +145,7 @@ def main() -> None:
         "steps": steps,
         "preemptions": sum(preempted.values()),
         "token_ids": token_ids,
+        "squeezes": squeeze.log,
     }
     if planner:
         result["plan_builds"] = plan_builds

@@ -131,11 +131,15 @@ def test_preemption_and_small_token_budget_keep_outputs(model_dir, haystack_ids,
                    # prompts prefilled in chunks, sharing steps with decodes
                    "max_num_batched_tokens": 512, "enable_chunked_prefill": True},
         "prompts": prompts, "sampling": sampling,
+        # and, for certain, a preemption of a prompt between two of its chunks (uncompressed
+        # pages) and one of a decoding request (compressed pages, maybe a leading null run)
+        "squeeze": ["mid_prefill", "decode"],
     })
-    assert small["preemptions"] > 0
+    assert [(s["phase"], s["released_at"] is not None) for s in small["squeezes"]] == \
+        [("mid_prefill", True), ("decode", True)], small["squeezes"]
     seen = check_pages_every_step(small, budgets)
     assert seen["chunks"] and seen["held_offsets"] and seen["null_offsets"], seen
-    assert seen["preempted_mid_prefill"] + seen["preempted_after_prefill"] > 0, seen
+    assert seen["preempted_mid_prefill"] and seen["preempted_after_prefill"], seen
     check_one_plan_per_step(small)
     assert small["free_at_end"] == small["free_at_start"]
     assert [small["token_ids"][str(i)] for i in range(len(prompts))] == full["token_ids"]
