@@ -23,6 +23,7 @@ GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cac
 PREEMPTIONS = "vllm:num_preemptions_total"
 DTYPE_BYTES = 4  # float32 on the CPU
 POLL_S = 0.25
+ONE_STEP_MIN_BUDGET = 2048  # vLLM's CPU server default for max_num_batched_tokens
 
 
 def run_bench(args: argparse.Namespace, model: ModelIdentity, methods: list[Method], command: str) -> int:
@@ -119,7 +120,7 @@ def kv_bytes_per_request(model: ModelIdentity, method: Method, prompts: list[lis
 def measure(method: Method, prompts: list[list[int]], kv_bytes: int, args: argparse.Namespace, out: Path,
             one_step: bool = False) -> dict:
     """One server, the whole workload. ``one_step``: chunked prefill off (vLLM then needs a
-    step's token budget of at least ``max_model_len``; 2048, vLLM's CPU default, if larger)."""
+    step's token budget of at least ``max_model_len``; ONE_STEP_MIN_BUDGET if larger)."""
     from headkv_vllm.tools.serve_process import GaugeWatcher, ServerConfig, ServerError, VllmServer
 
     label = "stock vLLM" if method.name == FULL else method.label
@@ -161,7 +162,7 @@ def measure(method: Method, prompts: list[list[int]], kv_bytes: int, args: argpa
 def server_args(vllm_args: str, max_len: int, one_step: bool) -> tuple[str, ...]:
     extra = tuple(shlex.split(vllm_args))
     if one_step:
-        extra += ("--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(max_len, 2048)))
+        extra += ("--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(max_len, ONE_STEP_MIN_BUDGET)))
     return extra
 
 
