@@ -6,6 +6,8 @@ possibly several times; it is idempotent and imports vLLM only when called.
 
 from __future__ import annotations
 
+import sys
+
 BACKEND_PATH = "headkv_vllm.engine.backend.HeadKVBackend"
 
 _registered = False
@@ -36,7 +38,47 @@ def register() -> None:
     from headkv_vllm.engine.kv_spec import register_head_spec
 
     register_head_spec()
+    install_config_error_hook()
     _registered = True
+
+
+def config_error(exc: BaseException | None):
+    """The ``HeadKVConfigError`` behind ``exc``: itself, one it was raised from, or the
+    one vLLM's config validation (pydantic) wrapped; None if there is none."""
+    from headkv_vllm.method.config import HeadKVConfigError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, HeadKVConfigError):
+            return exc
+        errors = getattr(exc, "errors", None)
+        try:
+            details = errors() if callable(errors) else []
+        except Exception:
+            details = []
+        for detail in details if isinstance(details, list) else []:
+            inner = (detail.get("ctx") or {}).get("error") if isinstance(detail, dict) else None
+            if isinstance(inner, HeadKVConfigError):
+                return inner
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def install_config_error_hook() -> None:
+    """Bad HeadKV settings that nobody catches (``vllm serve`` with a wrong
+    ``--additional-config`` or score file) end the process with the error's one
+    paragraph, which names the key or file and the fix, instead of a traceback through
+    vLLM's config validation. Every other exception goes to the previous hook."""
+    previous = sys.excepthook
+
+    def hook(kind, exc, tb):
+        err = config_error(exc)
+        if err is None:
+            return previous(kind, exc, tb)
+        print(f"ERROR HeadKV configuration: {err}", file=sys.stderr, flush=True)
+
+    sys.excepthook = hook
 
 
 def on_engine_config(vllm_config) -> None:

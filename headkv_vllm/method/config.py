@@ -10,15 +10,27 @@ are errors that name the key and say how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Mapping
 
 CONFIG_KEY = "headkv"
 PAGE_STORES = ("auto", "block-table", "block-table-triton")
+# Upper bounds: a window and pool kernel are loop bounds in the kernels; a kv_size above
+# any context length already means "keep everything".
+MAX_WINDOW = 1024
+MAX_POOL_KERNEL = 63
+MAX_KV_SIZE = 2**31 - 1
 
 
 class HeadKVConfigError(ValueError):
     """Invalid HeadKV settings; the message names the source, the key and the fix."""
+
+
+def short_repr(value: Any) -> str:
+    """``repr`` of a bad value, cut so that an error stays one short paragraph."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,21 +68,29 @@ class HeadKVConfig:
 
         where = f"{self.source} key '{CONFIG_KEY}'"
         if self.policy not in POLICIES:
-            raise HeadKVConfigError(f"{where}: setting 'policy' is {self.policy!r}; use one of {', '.join(POLICIES)}.")
-        if self.window < 1:
-            raise HeadKVConfigError(f"{where}: setting 'window' must be >= 1, got {self.window}.")
+            raise HeadKVConfigError(f"{where}: setting 'policy' is {short_repr(self.policy)}; use one of {', '.join(POLICIES)}.")
+        if not 1 <= self.window <= MAX_WINDOW:
+            raise HeadKVConfigError(
+                f"{where}: setting 'window' must be 1 to {MAX_WINDOW}, got {self.window}. Set it in that range (default 8).")
         if self.kv_size <= self.window:
             raise HeadKVConfigError(
                 f"{where}: setting 'kv_size' ({self.kv_size}) must exceed 'window' ({self.window}): "
                 f"kv_size counts the window. Raise kv_size or lower window."
             )
-        if not self.beta > 1:
-            raise HeadKVConfigError(f"{where}: setting 'beta' must be > 1 (e.g. 1.01, 1.2, 2), got {self.beta}.")
-        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
-            raise HeadKVConfigError(f"{where}: setting 'pool_kernel' must be odd and >= 1, got {self.pool_kernel}.")
+        if self.kv_size > MAX_KV_SIZE:
+            raise HeadKVConfigError(
+                f"{where}: setting 'kv_size' ({self.kv_size}) is above {MAX_KV_SIZE}; a kv_size of at least the "
+                f"model's context length already keeps every token. Lower kv_size.")
+        if not 1 < self.beta < math.inf:
+            raise HeadKVConfigError(
+                f"{where}: setting 'beta' must be a finite number > 1 (e.g. 1.01, 1.2, 2), got {self.beta}. Fix its value.")
+        if not (1 <= self.pool_kernel <= MAX_POOL_KERNEL and self.pool_kernel % 2):
+            raise HeadKVConfigError(
+                f"{where}: setting 'pool_kernel' must be odd, 1 to {MAX_POOL_KERNEL}, got {self.pool_kernel}. "
+                f"Set it in that range (default 7).")
         if self.page_store not in PAGE_STORES:
             raise HeadKVConfigError(
-                f"{where}: setting 'page_store' is {self.page_store!r}; use one of {', '.join(PAGE_STORES)}.")
+                f"{where}: setting 'page_store' is {short_repr(self.page_store)}; use one of {', '.join(PAGE_STORES)}.")
 
     @classmethod
     def known_keys(cls) -> list[str]:
@@ -84,7 +104,7 @@ class HeadKVConfig:
         if unknown:
             known = ", ".join(cls.known_keys()) or "(none yet)"
             raise HeadKVConfigError(
-                f"{where}: unknown setting(s) {', '.join(map(repr, unknown))}. "
+                f"{where}: unknown setting(s) {', '.join(map(short_repr, unknown))}. "
                 f"Known settings: {known}. Remove or rename the unknown ones."
             )
         hints = typing.get_type_hints(cls)
@@ -105,7 +125,7 @@ class HeadKVConfig:
         if not isinstance(section, Mapping):
             raise HeadKVConfigError(
                 f"--additional-config key '{CONFIG_KEY}' must be a JSON object of settings, "
-                f"got {section!r}; pass '{{\"{CONFIG_KEY}\": {{\"key\": value}}}}'."
+                f"got {short_repr(section)}; pass '{{\"{CONFIG_KEY}\": {{\"key\": value}}}}'."
             )
         return cls.from_mapping(section)
 
@@ -122,7 +142,7 @@ def _check_type(where: str, key: str, value: Any, hint: Any) -> None:
     )
     if not ok:
         names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
-        raise HeadKVConfigError(f"{where}: setting '{key}' must be {names}, got {value!r}. Fix its value.")
+        raise HeadKVConfigError(f"{where}: setting '{key}' must be {names}, got {short_repr(value)}. Fix its value.")
 
 
 def _union_type():

@@ -38,6 +38,8 @@ import math
 import os
 from pathlib import Path
 
+from headkv_vllm.method.config import short_repr
+
 FORMAT = "headkv-scores/1"
 KV_AGGREGATION = "sum"
 
@@ -53,6 +55,9 @@ CONFIG_DIR = _shipped_config_dir()
 
 class ScoreFileError(ValueError):
     pass
+
+
+REGENERATE = " Regenerate the file with `headkv-vllm score-heads` (or `headkv-vllm import-scores`)."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,29 +116,35 @@ def aggregate_to_kv_heads(
 def read_json(path: Path, not_found: str, invalid_fix: str = ""):
     """The JSON in ``path``, or a ScoreFileError naming the file (and the fix)."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ScoreFileError(f"{path}: {not_found}") from None
-    except json.JSONDecodeError as e:
+    except IsADirectoryError:
+        raise ScoreFileError(f"{path}: is a folder, not a file. Name the JSON file itself.") from None
+    except OSError as e:
+        raise ScoreFileError(f"{path}: cannot be read ({e.strerror}). Fix its permissions or name another file.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ScoreFileError(f"{path}: not valid JSON ({e}).{invalid_fix}") from None
 
 
 def load_scores(path: str | Path) -> HeadScores:
     path = Path(path)
     if not path.exists():
-        raise ScoreFileError(f"{path}: no such score file. {score_files_note()}")
-    data = read_json(path, "no such score file.", " Regenerate it with `headkv-vllm score-heads`.")
+        raise ScoreFileError(f"{path}: no such score file. Fix the path. {score_files_note()}")
+    data = read_json(path, "no such score file.", REGENERATE)
+    if not isinstance(data, dict):
+        raise ScoreFileError(f"{path}: must hold one JSON object, got {type(data).__name__}.{REGENERATE}")
 
     def need(key, kind, where=data, prefix=""):
         if key not in where:
-            raise ScoreFileError(f"{path}: key '{prefix}{key}' is missing. Regenerate the file with `headkv-vllm score-heads`.")
+            raise ScoreFileError(f"{path}: key '{prefix}{key}' is missing.{REGENERATE}")
         value = where[key]
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise ScoreFileError(f"{path}: key '{prefix}{key}' must be {kind.__name__}, got {value!r}.")
+            raise ScoreFileError(f"{path}: key '{prefix}{key}' must be {_kind(kind)}, got {short_repr(value)}.{REGENERATE}")
         return value
 
     if data.get("format") != FORMAT:
-        raise ScoreFileError(f"{path}: key 'format' must be '{FORMAT}', got {data.get('format')!r}.")
+        raise ScoreFileError(f"{path}: key 'format' must be '{FORMAT}', got {short_repr(data.get('format'))}.{REGENERATE}")
     m = need("model", dict)
     model = ModelIdentity(
         name=need("name", str, m, "model."),
@@ -141,12 +152,15 @@ def load_scores(path: str | Path) -> HeadScores:
     )
     scores = need("kv_head_scores", list)
     _check_matrix(path, "kv_head_scores", scores, model.num_layers, model.num_kv_heads, "KV heads")
-    if sum(map(sum, scores)) <= 0:
-        raise ScoreFileError(f"{path}: key 'kv_head_scores' sums to 0; no head would get a larger budget.")
+    total = sum(map(sum, scores))
+    if not math.isfinite(total):
+        raise ScoreFileError(f"{path}: key 'kv_head_scores' sums to {total} (too large to split a budget by).{REGENERATE}")
+    if total <= 0:
+        raise ScoreFileError(f"{path}: key 'kv_head_scores' sums to 0; no head would get a larger budget.{REGENERATE}")
     query = _read_query_head_scores(path, data, model, scores)
     trials = data.get("trials")
     if trials is not None and (not isinstance(trials, int) or isinstance(trials, bool) or trials < 0):
-        raise ScoreFileError(f"{path}: key 'trials' must be a count >= 0, got {trials!r}.")
+        raise ScoreFileError(f"{path}: key 'trials' must be a count >= 0, got {short_repr(trials)}.{REGENERATE}")
     return HeadScores(
         path, model, str(data.get("probe", "")), _tuples(scores), query,
         kv_aggregation=data.get("kv_aggregation", KV_AGGREGATION), trials=trials, command=data.get("command"),
@@ -158,22 +172,25 @@ def _check_matrix(path, key: str, rows, num_layers: int, num_heads: int, what: s
         not isinstance(r, list) or len(r) != num_heads for r in rows
     ):
         raise ScoreFileError(
-            f"{path}: key '{key}' must be {num_layers} rows (layers) of {num_heads} numbers ({what}), as 'model' declares."
+            f"{path}: key '{key}' must be {num_layers} rows (layers) of {num_heads} numbers ({what}), as 'model' "
+            f"declares.{REGENERATE}"
         )
     for layer, row in enumerate(rows):
         for head, s in enumerate(row):
             if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s) or s < 0:
-                raise ScoreFileError(f"{path}: key '{key}[{layer}][{head}]' must be a finite number >= 0, got {s!r}.")
+                raise ScoreFileError(
+                    f"{path}: key '{key}[{layer}][{head}]' must be a finite number >= 0, got {short_repr(s)}.{REGENERATE}")
 
 
 def _read_query_head_scores(path, data: dict, model: ModelIdentity, kv_scores):
     aggregation = data.get("kv_aggregation", KV_AGGREGATION)
     if aggregation not in ("sum", "mean"):
-        raise ScoreFileError(f"{path}: key 'kv_aggregation' must be 'sum' (or 'mean'), got {aggregation!r}.")
-    if model.num_query_heads % model.num_kv_heads:
+        raise ScoreFileError(
+            f"{path}: key 'kv_aggregation' must be 'sum' (or 'mean'), got {short_repr(aggregation)}.{REGENERATE}")
+    if model.num_kv_heads < 1 or model.num_query_heads % model.num_kv_heads:
         raise ScoreFileError(
             f"{path}: key 'model.num_query_heads' ({model.num_query_heads}) must be a multiple of "
-            f"'model.num_kv_heads' ({model.num_kv_heads})."
+            f"'model.num_kv_heads' ({model.num_kv_heads}).{REGENERATE}"
         )
     if "query_head_scores" not in data:
         return None
@@ -189,6 +206,10 @@ def _read_query_head_scores(path, data: dict, model: ModelIdentity, kv_scores):
                     f"`headkv-vllm import-scores`."
                 )
     return _tuples(query)
+
+
+def _kind(kind) -> str:
+    return {dict: "an object", list: "a list", str: "a string", int: "an integer"}.get(kind, kind.__name__)
 
 
 def _tuples(rows) -> tuple[tuple[float, ...], ...]:
