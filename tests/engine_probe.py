@@ -3,6 +3,7 @@ every engine step, what the scheduler holds: running / waiting requests, free
 pages of the pool, and each running request's pages per KV-cache group.
 
 spec: {"engine": {LLM kwargs}, "prompts": [[token ids]], "sampling": {SamplingParams kwargs},
+       "extra_args": [dict | None per prompt] (optional: SamplingParams.extra_args, e.g. headkv_kv_size),
        "async_scheduling": bool (optional: on, as on CUDA),
        "squeeze": ["mid_prefill" | "decode", ...] (optional: memory pressure, see Squeeze)}
 result (printed as ``ENGINE_PROBE_RESULT {json}``):
@@ -11,6 +12,7 @@ result (printed as ``ENGINE_PROBE_RESULT {json}``):
               "requests": [{"id", "prompt_len", "computed", "pages": [per group], "nulls": [per group], "preemptions"}]}],
    "preemptions": int, "token_ids": {request id: [...]},
    "plan_builds": [per step: step plans HEADKV's worker built in the step] (HEADKV only),
+   "kept": {request id: [per layer [per KV head]] tokens kept, from the plan of its compressing step} (HEADKV only),
    "squeezes": [{"phase", "step", "pages", "released_at"}]}
 """
 
@@ -102,9 +104,11 @@ def main() -> None:
     planner = getattr(worker, "step_planner", None)
     plan_builds = []
 
-    params = SamplingParams(**spec["sampling"])
+    extra = spec.get("extra_args") or [None] * len(spec["prompts"])
     for i, prompt in enumerate(spec["prompts"]):
+        params = SamplingParams(**spec["sampling"], extra_args=extra[i])
         engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+    kept = {}
 
     steps, token_ids, preempted = [], {}, {}
     squeeze = Squeeze(pool, spec.get("squeeze", []))
@@ -117,6 +121,11 @@ def main() -> None:
             preempted[req.request_id] = req.num_preemptions
         if planner:
             plan_builds.append(planner.builds - builds_before)
+            if planner.builds > builds_before:
+                ids = worker.model_runner.input_batch.req_ids
+                for pf in planner._plan.prefills:
+                    if pf.compresses:
+                        kept[ids[pf.row].rsplit("-", 1)[0]] = planner._plan.kept_host[:, pf.row].tolist()
         steps.append({
             "running": len(scheduler.running),
             "waiting": len(scheduler.waiting),
@@ -149,6 +158,7 @@ def main() -> None:
     }
     if planner:
         result["plan_builds"] = plan_builds
+        result["kept"] = kept
     print("ENGINE_PROBE_RESULT " + json.dumps(result), flush=True)
 
 

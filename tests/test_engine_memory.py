@@ -8,7 +8,7 @@ import pytest
 
 from conftest import SMOL, engine, run_engine_script, run_llm
 from headkv_vllm.method.config import HeadKVConfig
-from headkv_vllm.engine.settings import resolve_budgets
+from headkv_vllm.engine.settings import resolve_budget_rule, resolve_budgets
 
 BLOCK = 16
 DTYPE_BYTES = 4  # float32
@@ -31,7 +31,9 @@ def check_pages_every_step(result: dict, budgets) -> dict:
     """Every running request's row in every layer, after every step, as docs/kv_layout.md
     counts it: uncompressed pages while a prompt is chunked; past the prompt the head
     pages, plus (for a prompt prefilled in chunks) its leading entries, still held right
-    after the last chunk and null from the next step on. Returns what was seen."""
+    after the last chunk and null from the next step on. ``budgets``: every request's,
+    or a dict of them by request id. Returns what was seen."""
+    budgets_of = budgets if isinstance(budgets, dict) else {}
     seen = {"compressed": 0, "chunks": 0, "held_offsets": 0, "null_offsets": 0,
             "preempted_mid_prefill": 0, "preempted_after_prefill": 0}
     last = {}  # request id -> (computed, preemptions) when last seen running
@@ -48,9 +50,10 @@ def check_pages_every_step(result: dict, budgets) -> dict:
                     assert not any(req["nulls"]), req
                     seen["chunks"] += 1
                 continue
-            expected = expected_pages(budgets, n, t)
+            own = budgets_of.get(req["id"], budgets)
+            expected = expected_pages(own, n, t)
             extra = [p - e for p, e in zip(req["pages"], expected)]
-            offsets = [SMOL.num_kv_heads * math.ceil(n / BLOCK) - e for e in expected_pages(budgets, n, n)]
+            offsets = [SMOL.num_kv_heads * math.ceil(n / BLOCK) - e for e in expected_pages(own, n, n)]
             if any(extra):
                 assert extra == offsets, req  # a chunked prompt's leading entries
                 assert req["nulls"] in ([0] * SMOL.num_layers, offsets), req
@@ -172,3 +175,34 @@ def test_async_scheduling_with_preemption_keeps_outputs(model_dir, haystack_ids,
     assert seen["chunks"] and seen["null_offsets"], seen
     assert overlapped["free_at_end"] == overlapped["free_at_start"]
     assert overlapped["token_ids"] == sync["token_ids"]
+
+
+@pytest.mark.slow
+def test_requests_with_their_own_kv_sizes(model_dir, haystack_ids):
+    """Per-request budgets (SamplingParams.extra_args ``headkv_kv_size``, the OpenAI
+    request's ``vllm_xargs``): requests of 64, the server's 128, 512 and "full" (no
+    compression) tokens per KV head share steps, in chunks of 512 tokens; each holds the
+    pages of its own budgets at every step and keeps its own budgets' tokens, and the
+    "full" request's greedy tokens equal stock vLLM's."""
+    cfg = {"policy": "headkv", "kv_size": 128}  # the committed SmolLM2 R2 scores
+    sizes = [64, None, 512, "full"]
+    prompts = [haystack_ids[i * 3000 : i * 3000 + n] for i, n in enumerate([1500, 900, 1200, 1000])]
+    sampling = dict(temperature=0.0, max_tokens=24, ignore_eos=True)
+    result = probe({
+        "engine": {**engine(model_dir, **cfg), "enable_chunked_prefill": True, "max_num_batched_tokens": 512},
+        "prompts": prompts, "sampling": sampling,
+        "extra_args": [None if k is None else {"headkv_kv_size": k} for k in sizes],
+    })
+    rule, _ = resolve_budget_rule(HeadKVConfig.from_mapping(cfg), SMOL)
+    own = {str(i): rule.budgets(k) for i, k in enumerate(sizes)}
+    seen = check_pages_every_step(result, own)
+    assert seen["chunks"] and seen["compressed"], seen
+    assert max(s["running"] for s in result["steps"]) == len(prompts)  # they shared steps
+    for i, (prompt, k) in enumerate(zip(prompts, sizes)):
+        assert result["kept"][str(i)] == [list(row) for row in own[str(i)].kept(len(prompt))], k
+    means = [sum(map(sum, result["kept"][str(i)])) / (SMOL.num_layers * SMOL.num_kv_heads) for i in range(4)]
+    assert means[0] < means[1] < means[2] < means[3] == len(prompts[3]), means  # 64 < 128 < 512 < whole prompt
+    assert result["free_at_end"] == result["free_at_start"]
+
+    stock = run_llm({"engine": engine(model_dir), "prompts": [prompts[3]], "sampling": sampling})
+    assert result["token_ids"]["3"] == stock["token_ids"][0]

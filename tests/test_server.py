@@ -158,3 +158,97 @@ async def _one_more(base, model):
 
     async with AsyncOpenAI(base_url=f"{base}/v1", api_key="unused") as client:
         await client.completions.create(model=model, prompt="Hello", max_tokens=4)
+
+
+@pytest.mark.slow
+def test_per_request_kv_sizes_and_bad_values(server, model_dir, haystack_ids, skewed_scores):
+    """``vllm_xargs`` ``headkv_kv_size``: a bad value is an HTTP 400 that names the field
+    and the allowed values, and reaches no engine; concurrent requests with their own
+    sizes keep the tokens of their own budgets (the server's log line per request)."""
+    from openai import AsyncOpenAI
+
+    from headkv_vllm.engine.settings import resolve_budget_rule
+    from headkv_vllm.method.config import HeadKVConfig
+
+    base, log_path = server
+    model = str(model_dir)
+    before = metrics(base)
+    allowed = 'above the server\'s window (8) and at most 2147483647 (average tokens kept per KV head), or "full"'
+    for xargs, says in [
+        ({"headkv_kv_size": "lots"}, allowed), ({"headkv_kv_size": 8}, allowed), ({"headkv_kv_size": 12.5}, allowed),
+        ({"headkv_kv_size": [64]}, allowed), ({"headkv_kv_size": 2**31}, allowed),
+        ({"headkv_kv_sise": 64}, "not a HeadKV per-request setting; the known one is 'headkv_kv_size'"),
+    ]:
+        r = requests.post(f"{base}/v1/completions", timeout=60, json={
+            "model": model, "prompt": "Hello", "max_tokens": 4, "vllm_xargs": xargs})
+        assert r.status_code == 400, (xargs, r.status_code, r.text)
+        message = r.json()["error"]["message"]
+        assert f"vllm_xargs.{next(iter(xargs))}" in message and says in message, message
+    after = metrics(base)
+    for counter in ("vllm:prompt_tokens_total", "vllm:request_success_total"):
+        assert after[counter] == before[counter], counter  # nothing reached the engine
+
+    sizes = {"own-64": 64, "own-full": "full", "own-server": None}
+    prompts = {name: haystack_ids[70000 + i * 1000 : 70000 + i * 1000 + 800] for i, name in enumerate(sizes)}
+
+    async def run():
+        async with AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600) as client:
+            async def one(name):
+                xargs = {} if sizes[name] is None else {"vllm_xargs": {"headkv_kv_size": sizes[name]}}
+                r = await client.completions.create(model=model, prompt=prompts[name], max_tokens=8, temperature=0.0,
+                                                    extra_body={"request_id": name, **xargs})
+                return r.usage.completion_tokens
+            return await asyncio.gather(*(one(name) for name in sizes))
+
+    asyncio.run(_one_more(base, model))  # every gauge set at least once
+    wait_idle(base)
+    idle = headkv_metrics(base)
+    pages_seen = []
+
+    async def watch():
+        while True:
+            pages_seen.append((await asyncio.to_thread(headkv_metrics, base))["vllm:headkv_head_pages_in_use"])
+            await asyncio.sleep(0.2)
+
+    async def run_and_watch():
+        watcher = asyncio.create_task(watch())
+        done = await run()
+        watcher.cancel()
+        return done
+
+    assert asyncio.run(run_and_watch()) == [8] * len(sizes)
+    rule, _ = resolve_budget_rule(HeadKVConfig.from_mapping({"kv_size": 128, "scores": skewed_scores}), SMOL)
+    log = log_path.read_text()
+    means = {}
+    for name, kv_size in sizes.items():
+        kept = rule.budgets(kv_size).kept(len(prompts[name]))
+        means[name] = sum(map(sum, kept)) / (SMOL.num_layers * SMOL.num_kv_heads)
+        line = re.search(rf"HeadKV request \S*{name}\S*: prompt (\d+) tokens, kept ([0-9.]+) per KV head", log)
+        assert line and int(line[1]) == len(prompts[name]), name
+        assert float(line[2]) == round(means[name], 1), (name, line[2], means[name])
+    assert means["own-64"] < means["own-server"] < means["own-full"] == 800.0
+
+    # HeadKV's metrics on /metrics moved with these three requests, and the pages came back
+    wait_idle(base)
+    asyncio.run(_one_more(base, model))  # aborts above free pages outside a step: refresh the gauges
+    now = headkv_metrics(base)
+    assert max(pages_seen) > 0 and now["vllm:headkv_head_pages_in_use"] == 0.0
+    assert now["vllm:headkv_head_pages_free"] == idle["vllm:headkv_head_pages_free"] == POOL_PAGES
+    delta = {k: now[k] - idle[k] for k in now}
+    hello = delta["vllm:headkv_prompt_tokens_total"] - 3 * 800  # the one more request's prompt
+    assert 0 < hello < 10
+    assert delta['vllm:headkv_requests_total{compressed="true"}'] == 2
+    assert delta['vllm:headkv_requests_total{compressed="false"}'] == 2  # "full", and the short one
+    assert abs(delta["vllm:headkv_kept_tokens_total"] - sum(means.values()) - hello) < 1e-6
+    assert delta["vllm:headkv_kept_share_count"] == 4
+
+
+def headkv_metrics(base: str) -> dict[str, float]:
+    """HeadKV's series on /metrics, by name and the labels other than model and engine."""
+    out: dict[str, float] = {}
+    for line in requests.get(f"{base}/metrics", timeout=10).text.splitlines():
+        m = re.match(r"^(vllm:headkv_[a-z_]+)(?:\{([^}]*)\})? ([0-9.eE+-]+)$", line)
+        if m:
+            labels = [l for l in (m[2] or "").split(",") if l and not l.startswith(("model_name=", "engine="))]
+            out[m[1] + (("{" + ",".join(labels) + "}") if labels else "")] = float(m[3])
+    return out

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from headkv_vllm.method.budgets import Budgets
+from headkv_vllm.method.budgets import BudgetRule, Budgets
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class StepInputs:
     # check, no leading nulls (dummy batches, unit tests).
     row_counts: torch.Tensor | None = None
     request_keys: tuple[str, ...] | None = None  # request ids by row (saved window queries)
+    # [R] each request's own KV size (int or "full"; None: the server's). None: all the server's.
+    kv_sizes: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -140,30 +142,36 @@ class StepPlan:
 
 class KeptTable:
     """``Budgets.kept`` as tensors: ``rows(prompt_lens) -> [L, R, Hkv]`` int32 (host),
-    cached per prompt length and per batch of prompt lengths (a decode step sees
-    the same requests as the step before)."""
+    cached per (KV size, prompt length) and per batch of those (a decode step sees
+    the same requests as the step before). ``rule`` makes the budgets of requests with
+    their own KV size; ``budgets`` are the server's."""
 
-    def __init__(self, budgets: Budgets):
+    def __init__(self, budgets: Budgets, rule: BudgetRule | None = None):
         self.budgets = budgets
-        self._by_len: dict[int, torch.Tensor] = {}
-        self._last: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self.rule = rule
+        self._by_len: dict[tuple, torch.Tensor] = {}
+        self._last: tuple[tuple, torch.Tensor] | None = None
 
     MAX_PROMPT_LENGTHS = 4096  # cached rows ([L, Hkv] each) before the cache restarts
 
-    def one(self, prompt_len: int) -> torch.Tensor:
-        t = self._by_len.get(prompt_len)
+    def one(self, prompt_len: int, kv_size: int | str | None = None) -> torch.Tensor:
+        if self.rule is None:
+            kv_size = None
+        t = self._by_len.get((kv_size, prompt_len))
         if t is None:
             if len(self._by_len) >= self.MAX_PROMPT_LENGTHS:
                 self._by_len.clear()
-            t = self._by_len[prompt_len] = torch.tensor(self.budgets.kept(prompt_len), dtype=torch.int32)
+            budgets = self.budgets if kv_size is None else self.rule.budgets(kv_size)
+            t = self._by_len[(kv_size, prompt_len)] = torch.tensor(budgets.kept(prompt_len), dtype=torch.int32)
         return t
 
-    def rows(self, prompt_lens: list[int]) -> torch.Tensor:
-        key = tuple(prompt_lens)
+    def rows(self, prompt_lens: list[int], kv_sizes: tuple | None = None) -> torch.Tensor:
+        key = (tuple(prompt_lens), kv_sizes)
         if self._last is not None and self._last[0] == key:
             return self._last[1]
-        if key:
-            t = torch.stack([self.one(n) for n in key], dim=1)
+        if prompt_lens:
+            sizes = kv_sizes or (None,) * len(prompt_lens)
+            t = torch.stack([self.one(n, k) for n, k in zip(prompt_lens, sizes)], dim=1)
         else:
             t = torch.zeros(self.budgets.num_layers, 0, self.budgets.num_kv_heads, dtype=torch.int32)
         self._last = (key, t)
@@ -217,7 +225,7 @@ def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
     is_decode = (computed >= prompt) & (qlen == 1)
     is_prefill = (qlen > 0) & ~is_decode
     prompt_list = prompt.tolist()
-    kept = kept_table.rows(prompt_list)  # [L, R, H]
+    kept = kept_table.rows(prompt_list, inputs.kv_sizes)  # [L, R, H]
     uncompressed = total < prompt  # a prompt chunk: every head holds every token
     prompt_part = torch.minimum(prompt, total).to(torch.int32)
     generated = (total - prompt).clamp(min=0).to(torch.int32)

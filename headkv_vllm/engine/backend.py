@@ -84,7 +84,7 @@ class HeadKVMetadataBuilder(AttentionMetadataBuilder[LayerStep]):
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> LayerStep:
         if self.planner is None:  # not bound by the worker: plan alone
             spec = self.kv_cache_spec
-            self.bind(StepPlanner(spec.budgets, spec.block_size, self.device),
+            self.bind(StepPlanner(spec.budgets, spec.block_size, self.device, spec.rule),
                       choose_page_store(self.vllm_config, spec, self.device))
         plan = self.planner.plan(common_attn_metadata)
         return LayerStep(plan, self.layer, self.store,

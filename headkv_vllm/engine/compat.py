@@ -26,6 +26,19 @@ Patches (each applied once per process, idempotently, from ``register()``):
    How: wrapped; lists the HEADKV backend as unsupported when it is selected, so
    vLLM itself picks V1 before the engine starts and logs why.
    Remove when: HeadKV supports V2's input buffers.
+6. ``InputProcessor.process_inputs``.
+   Why: per-request HeadKV settings (``vllm_xargs`` / ``SamplingParams.extra_args``
+   keys ``headkv_*``) must be refused with HTTP 400 before they reach the engine;
+   vLLM passes unknown extra args through unchecked.
+   How: wrapped; checks the request's ``headkv_*`` keys first and raises vLLM's
+   ``VLLMValidationError`` (400, the field named); notes the request's own KV size
+   for the metrics (``engine.metrics``).
+   Remove when: vLLM lets plugins validate extra args.
+7. ``Scheduler.__init__``.
+   Why: a request's own KV size sets its page count from its first allocation, and the
+   KV-cache managers see only request ids.
+   How: wrapped; hands the scheduler's ``requests`` dict to every HeadKV manager.
+   Remove when: managers receive the request (or its sampling params).
 """
 
 from __future__ import annotations
@@ -214,7 +227,7 @@ from vllm.v1.attention.backend import AttentionCGSupport, MultipleOf  # noqa: E4
 __all__ += [
     "extract_layer_index", "cdiv", "SingleTypeKVCacheManager", "AttentionSpec",
     "FullAttentionSpec", "KVCacheLayout", "MultipleOf", "register_kv_cache_spec",
-    "platform_worker_cls", "metadata_builders", "num_prompt_tokens", "request_ids", "live_request_ids", "seq_lens_cpu",
+    "platform_worker_cls", "metadata_builders", "num_prompt_tokens", "request_ids", "request_extra_args", "live_request_ids", "seq_lens_cpu",
     "head_kv_group_layers", "pin_memory_available", "wrap_runner_kv_cache_spec", "init_profiling_kv_cache",
     "dummy_run", "AttentionCGSupport", "block_table_device_bytes", "block_table_width",
 ]
@@ -388,6 +401,10 @@ def cpu_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
 
 __all__ += ["flash_prefill_attention"]
 
+from vllm.v1.metrics.loggers import StatLoggerBase  # noqa: E402
+
+__all__ += ["StatLoggerBase"]
+
 
 def flash_prefill_attention(dtype: torch.dtype, head_size: int):
     """A ``core.prompt_attention.PromptAttention`` over vLLM's flash attention, or None where
@@ -426,7 +443,7 @@ def flash_prefill_attention(dtype: torch.dtype, head_size: int):
 __all__ += [
     "engine_config", "scheduler_kv_cache_config", "build_scheduler", "request_block_hasher",
     "make_request", "model_runner_output", "freeze_gc_heap", "num_free_blocks", "finish_all_requests",
-    "resolve_obj_by_qualname",
+    "resolve_obj_by_qualname", "validate_request_settings", "give_managers_the_requests",
 ]
 
 
@@ -513,3 +530,56 @@ def finish_all_requests(scheduler) -> None:
     from vllm.v1.request import RequestStatus
 
     scheduler.finish_requests(None, RequestStatus.FINISHED_ABORTED)
+
+
+def validate_request_settings(check: Callable[[VllmConfig, str, object], None]) -> None:
+    """Patch 6: ``check(vllm_config, request_id, sampling_params)`` runs for every request
+    as it arrives; a ``ValueError`` with a ``field`` becomes vLLM's ``VLLMValidationError``
+    (HTTP 400)."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    if getattr(InputProcessor, "_headkv_validates", False):
+        return
+    original = InputProcessor.process_inputs
+
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        if isinstance(params, SamplingParams) and params.extra_args:
+            try:
+                check(self.vllm_config, request_id, params)
+            except ValueError as e:
+                raise VLLMValidationError(str(e), parameter=getattr(e, "field", None)) from None
+        return original(self, request_id, prompt, params, *args, **kwargs)
+
+    InputProcessor.process_inputs = process_inputs
+    InputProcessor._headkv_validates = True
+
+
+def give_managers_the_requests() -> None:
+    """Patch 7: every KV-cache manager with a ``requests`` attribute gets the scheduler's
+    requests by id once the scheduler (or its async subclass) is built."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    if getattr(Scheduler, "_headkv_requests", False):
+        return
+    original = Scheduler.__init__
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+            if hasattr(manager, "requests"):
+                manager.requests = self.requests
+
+    Scheduler.__init__ = __init__
+    Scheduler._headkv_requests = True
+
+
+def request_extra_args(model_runner, ids: list[str]) -> list:
+    """Each request's ``SamplingParams.extra_args`` (None where it has none)."""
+    requests = model_runner.requests
+    out = []
+    for request_id in ids:
+        params = getattr(requests.get(request_id), "sampling_params", None)
+        out.append(params.extra_args if params is not None else None)
+    return out

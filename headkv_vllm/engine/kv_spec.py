@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from headkv_vllm.method.budgets import Budgets
+from headkv_vllm.method.budgets import BudgetRule, Budgets
+from headkv_vllm.method.request_settings import request_kv_size
 from headkv_vllm.method.layout import PageCounter, num_head_pages, row_offset, uncompressed_pages
 from headkv_vllm.engine.compat import (
     AttentionSpec,
@@ -28,10 +29,13 @@ from headkv_vllm.engine.compat import (
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HeadKVSpec(FullAttentionSpec):
     """One layer's KV cache in head pages. ``budgets`` is the whole model's table
-    (redistribution of unused budget crosses layers); ``layer_index`` picks the row."""
+    (redistribution of unused budget crosses layers); ``layer_index`` picks the row.
+    ``rule`` makes the tables of requests that ask for their own KV size (None: every
+    request gets ``budgets``)."""
 
     layer_index: int = -1
     budgets: Budgets | None = None
+    rule: BudgetRule | None = None
     # A step's token budget when chunked prefill is on (0: off): longer prompts are
     # certainly prefilled in chunks, so admission counts their uncompressed pages.
     chunk_tokens: int = 0
@@ -42,6 +46,12 @@ class HeadKVSpec(FullAttentionSpec):
 
     def kept(self, prompt_len: int) -> tuple[int, ...]:
         return self.budgets.kept(prompt_len)[self.layer_index]
+
+    def budgets_for(self, kv_size: int | str | None) -> Budgets:
+        """The budgets of a request asking for ``kv_size`` (None: the server's)."""
+        if kv_size is None or self.rule is None:
+            return self.budgets
+        return self.rule.budgets(kv_size)
 
     def pages_needed(self, prompt_len: int, num_tokens: int) -> int:
         return num_head_pages(self.kept(prompt_len), prompt_len, num_tokens, self.block_size)
@@ -78,7 +88,7 @@ def block_table_bytes(specs: dict, vllm_config) -> int:
                for s in specs.values())
 
 
-def to_head_specs(specs: dict, budgets: Budgets, chunk_tokens: int = 0) -> dict:
+def to_head_specs(specs: dict, budgets: Budgets, chunk_tokens: int = 0, rule: BudgetRule | None = None) -> dict:
     """Turn the runner's per-layer attention specs into per-layer HeadKVSpecs."""
     out = {}
     for name, spec in specs.items():
@@ -100,6 +110,7 @@ def to_head_specs(specs: dict, budgets: Budgets, chunk_tokens: int = 0) -> dict:
             num_head_slots=1,
             layer_index=layer,
             budgets=budgets,
+            rule=rule,
             chunk_tokens=chunk_tokens,
         )
     return out
@@ -119,12 +130,30 @@ class HeadKVManager(SingleTypeKVCacheManager):
         super().__init__(kv_cache_spec, **kwargs)
         self.prompt_len: dict[str, int] = {}
         self.chunked: set[str] = set()  # requests whose prompt is (was) prefilled in chunks
-        self.counter = PageCounter(kv_cache_spec.kept, kv_cache_spec.block_size)
+        # The scheduler's requests by id (engine.compat hands them over once the scheduler
+        # is built): a request's own KV size is in its sampling params.
+        self.requests: dict | None = None
+        self.counters: dict[int | str | None, PageCounter] = {}
+
+    MAX_COUNTERS = 256  # one per KV size asked for, before the cache restarts
+
+    def counter(self, request_id: str) -> PageCounter:
+        """Page counts of the request's own budgets."""
+        request = self.requests.get(request_id) if self.requests is not None else None
+        params = getattr(request, "sampling_params", None)
+        kv_size = request_kv_size(params.extra_args) if params is not None else None
+        counter = self.counters.get(kv_size)
+        if counter is None:
+            if len(self.counters) >= self.MAX_COUNTERS:
+                self.counters.clear()
+            budgets, layer = self.kv_cache_spec.budgets_for(kv_size), self.kv_cache_spec.layer_index
+            counter = self.counters[kv_size] = PageCounter(lambda n: budgets.kept(n)[layer], self.block_size)
+        return counter
 
     def _pages(self, request_id: str, num_tokens: int) -> int:
         # Before the first real allocation of a fresh request, num_tokens == prompt length.
         n = self.prompt_len.get(request_id, num_tokens)
-        return self.counter.row_entries(n, num_tokens, request_id in self.chunked or num_tokens < n)
+        return self.counter(request_id).row_entries(n, num_tokens, request_id in self.chunked or num_tokens < n)
 
     def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None):
         # allocate_slots calls this before every real allocation, which is where the
@@ -135,7 +164,7 @@ class HeadKVManager(SingleTypeKVCacheManager):
             self.prompt_len[request_id] = num_prompt_tokens
         n = self.prompt_len.get(request_id)
         if request_id in self.chunked and n is not None and processed_computed_tokens >= n:
-            offset = row_offset(self.kv_cache_spec.kept(n), n, self.block_size)
+            offset = row_offset(self.counter(request_id).kept_of(n), n, self.block_size)
             self._remove_blocks_in_range(request_id, 0, offset)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, *args, **kwargs) -> int:
@@ -143,10 +172,10 @@ class HeadKVManager(SingleTypeKVCacheManager):
             raise AssertionError("HeadKV: prefix-cache hits must not happen (prefix caching is off)")
         held = len(self.req_to_blocks.get(request_id, ()))
         if kwargs.get("apply_admission_cap") and not held:
-            return self._admission_pages(num_tokens)
+            return self._admission_pages(request_id, num_tokens)
         return max(0, self._pages(request_id, num_tokens) - held)
 
-    def _admission_pages(self, num_tokens: int) -> int:
+    def _admission_pages(self, request_id: str, num_tokens: int) -> int:
         """vLLM's admission check of a waiting request (its whole sequence must fit, before
         the manager hears its prompt length). A prompt longer than a step's token budget is
         certainly prefilled in chunks and holds every head uncompressed at its last chunk;
@@ -156,7 +185,7 @@ class HeadKVManager(SingleTypeKVCacheManager):
         spec = self.kv_cache_spec
         if spec.chunk_tokens and num_tokens > spec.chunk_tokens:
             return uncompressed_pages(spec.num_kv_heads, num_tokens, self.block_size)
-        return self.counter.pages(num_tokens, num_tokens)
+        return self.counter(request_id).pages(num_tokens, num_tokens)
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         req_blocks = self.req_to_blocks[request_id]

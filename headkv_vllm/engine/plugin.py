@@ -38,8 +38,28 @@ def register() -> None:
     from headkv_vllm.engine.kv_spec import register_head_spec
 
     register_head_spec()
+    compat.validate_request_settings(check_request_settings)
+    compat.give_managers_the_requests()
     install_config_error_hook()
     _registered = True
+
+
+def check_request_settings(vllm_config, request_id: str, sampling_params) -> None:
+    """A request's ``headkv_*`` extra args, checked as it arrives (engine.compat patch 6);
+    its own KV size is noted for the metrics."""
+    from headkv_vllm.engine.compat import BACKEND_NAME, selected_backend_name
+    from headkv_vllm.engine.metrics import note_request_kv_size
+    from headkv_vllm.method import request_settings
+    from headkv_vllm.method.config import HeadKVConfig
+
+    extra = sampling_params.extra_args
+    if not any(str(k).startswith(request_settings.PREFIX) for k in extra):
+        return
+    window = None
+    if selected_backend_name(vllm_config) == BACKEND_NAME:
+        window = HeadKVConfig.from_additional_config(vllm_config.additional_config).window
+    request_settings.check(extra, window)
+    note_request_kv_size(request_id, request_settings.request_kv_size(extra))
 
 
 def config_error(exc: BaseException | None):

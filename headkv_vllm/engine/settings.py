@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from headkv_vllm.method.budgets import POLICIES, Budgets, policy_budgets
+from headkv_vllm.method.budgets import POLICIES, BudgetRule, Budgets
 from headkv_vllm.method.config import CONFIG_KEY, HeadKVConfig, HeadKVConfigError
 from headkv_vllm.method.scores import (ModelIdentity, ScoreFileError, find_score_file, identity_from_hf_config,
                                        load_scores, score_files_note)
@@ -17,8 +17,15 @@ DEFAULT_BLOCK_SIZE = 16  # partially filled last pages cost ~1-4% at an average 
 
 def resolve_budgets(config: HeadKVConfig, model: ModelIdentity) -> tuple[Budgets, str]:
     """The budget table for ``model`` and a description of where it came from."""
+    rule, origin = resolve_budget_rule(config, model)
+    return rule.budgets(), origin
+
+
+def resolve_budget_rule(config: HeadKVConfig, model: ModelIdentity) -> tuple[BudgetRule, str]:
+    """How KV sizes become budgets for ``model`` (the server's and per-request ones), and
+    a description of where its scores came from."""
     if config.policy != "headkv":
-        return policy_budgets(config, model.num_layers, model.num_kv_heads), POLICIES[config.policy]
+        return BudgetRule.from_config(config, model.num_layers, model.num_kv_heads), POLICIES[config.policy]
     path = config.scores or find_score_file(model)
     if path is None:
         raise HeadKVConfigError(
@@ -33,16 +40,16 @@ def resolve_budgets(config: HeadKVConfig, model: ModelIdentity) -> tuple[Budgets
         scores.check_model(model)
     except ScoreFileError as e:
         raise HeadKVConfigError(f"{config.source} key '{CONFIG_KEY}' setting 'scores': {e}") from None
-    budgets = policy_budgets(config, model.num_layers, model.num_kv_heads, scores.kv_head_scores)
-    return budgets, f"scores {path} (probe {scores.probe})"
+    rule = BudgetRule.from_config(config, model.num_layers, model.num_kv_heads, scores.kv_head_scores)
+    return rule, f"scores {path} (probe {scores.probe})"
 
 
-def headkv_from_vllm_config(vllm_config) -> tuple[HeadKVConfig, Budgets, str]:
+def headkv_from_vllm_config(vllm_config) -> tuple[HeadKVConfig, BudgetRule, str]:
     config = HeadKVConfig.from_additional_config(vllm_config.additional_config)
     model_config = vllm_config.model_config
     model = identity_from_hf_config(model_config.hf_text_config, Path(str(model_config.model)).name)
-    budgets, origin = resolve_budgets(config, model)
-    return config, budgets, origin
+    rule, origin = resolve_budget_rule(config, model)
+    return config, rule, origin
 
 
 def apply_engine_settings(vllm_config, config: HeadKVConfig, logger) -> None:

@@ -24,19 +24,21 @@ from headkv_vllm.engine.compat import (
     logger,
     num_prompt_tokens,
     pin_memory_available,
+    request_extra_args,
     request_ids,
     seq_lens_cpu,
 )
-from headkv_vllm.method.budgets import Budgets
+from headkv_vllm.method.budgets import BudgetRule, Budgets
+from headkv_vllm.method.request_settings import request_kv_size
 
 
 class StepPlanner:
-    def __init__(self, budgets: Budgets, block_size: int, device: torch.device):
+    def __init__(self, budgets: Budgets, block_size: int, device: torch.device, rule: BudgetRule | None = None):
         self.budgets = budgets
         self.block_size = block_size
         self.device = torch.device(device)
         self.pin_memory = self.device.type == "cuda" and pin_memory_available()
-        self.kept = KeptTable(budgets)
+        self.kept = KeptTable(budgets, rule)
         self.window_stash = WindowStash()
         self.runner = None
         self.builds = 0  # plans built so far (tests count them)
@@ -66,10 +68,15 @@ class StepPlanner:
             total = key[1 : n + 1] - key[:n]
             prompt = total
         ids = request_ids(self.runner)[:n] if real else None
+        kv_sizes = None
+        if real:
+            # requests that asked for their own KV size (vllm_xargs headkv_kv_size)
+            kv_sizes = tuple(request_kv_size(e) for e in request_extra_args(self.runner, ids))
+            kv_sizes = kv_sizes if any(k is not None for k in kv_sizes) else None
         inputs = StepInputs(query_start_loc=key[: n + 1], seq_lens=total, prompt_lens=prompt,
                             num_actual_tokens=cm.num_actual_tokens,
                             row_counts=self._row_counts(n) if real else None,
-                            request_keys=tuple(ids) if real else None)
+                            request_keys=tuple(ids) if real else None, kv_sizes=kv_sizes)
         plan = build_step_plan(inputs, self.kept, self.block_size, self.device, self.pin_memory, self.window_stash)
         if real:
             # saved window queries live until their last chunk, or until the request finishes
@@ -94,7 +101,7 @@ class StepPlanner:
         for pf in plan.prefills:
             if not pf.compresses:
                 continue
-            kept = self.kept.one(pf.prompt_len).float().mean().item()
+            kept = plan.kept_host[:, pf.row].float().mean().item()
             logger.info(
                 "HeadKV request %s: prompt %d tokens, kept %.1f per KV head on average over all layers (%.1f%%).",
                 ids[pf.row], pf.prompt_len, kept, 100.0 * kept / pf.prompt_len,

@@ -18,12 +18,13 @@ from headkv_vllm.engine.compat import (
 class HeadKVWorker(platform_worker_cls()):
     def init_device(self):
         super().init_device()
-        self._headkv_config, self._budgets, self._budget_origin = headkv_from_vllm_config(self.vllm_config)
+        self._headkv_config, self._rule, self._budget_origin = headkv_from_vllm_config(self.vllm_config)
+        self._budgets = self._rule.budgets()
         # Every KV cache vLLM builds from this runner (the CUDA-graph memory profile's
         # included) gets head-page specs.
         sched = self.vllm_config.scheduler_config
         chunk_tokens = sched.max_num_batched_tokens if sched.enable_chunked_prefill else 0
-        wrap_runner_kv_cache_spec(self.model_runner, lambda specs: to_head_specs(specs, self._budgets, chunk_tokens))
+        wrap_runner_kv_cache_spec(self.model_runner, lambda specs: to_head_specs(specs, self._budgets, chunk_tokens, self._rule))
 
     def determine_available_memory(self) -> int:
         available = super().determine_available_memory()
@@ -47,7 +48,7 @@ class HeadKVWorker(platform_worker_cls()):
         # One plan per step and one page store for all layers' builders.
         builders = [b for b in metadata_builders(self.model_runner) if isinstance(b, HeadKVMetadataBuilder)]
         first = builders[0]
-        self.step_planner = StepPlanner(self._budgets, self.cache_config.block_size, first.device)
+        self.step_planner = StepPlanner(self._budgets, self.cache_config.block_size, first.device, self._rule)
         self.step_planner.bind_runner(self.model_runner)
         store = choose_page_store(self.vllm_config, first.kv_cache_spec, first.device)
         for builder in builders:

@@ -62,6 +62,50 @@ def policy_budgets(config, num_layers: int, num_heads: int, scores=None) -> "Bud
     return Budgets(tuple(tuple(int(c) for c in r) for r in caps), config.window, config.redistribute)
 
 
+FULL = "full"  # a per-request KV size: keep every token (no compression)
+_FULL_CAP = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetRule:
+    """How a KV size becomes budgets on one server: the policy and its settings, and
+    the head scores for 'headkv'. ``kv_size`` is the server's; a request may ask for
+    its own (``budgets(kv_size)``), or for :data:`FULL`."""
+
+    policy: str
+    kv_size: int
+    window: int
+    beta: float
+    redistribute: bool
+    num_layers: int
+    num_kv_heads: int
+    scores: tuple[tuple[float, ...], ...] | None = None
+    _made: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    MAX_CACHED = 256  # budget tables kept (one per KV size asked for) before the cache restarts
+
+    @classmethod
+    def from_config(cls, config, num_layers: int, num_kv_heads: int, scores=None) -> "BudgetRule":
+        return cls(config.policy, config.kv_size, config.window, config.beta, config.redistribute, num_layers,
+                   num_kv_heads, None if scores is None else tuple(tuple(float(s) for s in r) for r in scores))
+
+    def budgets(self, kv_size: int | str | None = None) -> "Budgets":
+        """The budgets of ``kv_size`` (None: the server's)."""
+        key = self.kv_size if kv_size is None else kv_size
+        made = self._made.get(key)
+        if made is None:
+            if len(self._made) >= self.MAX_CACHED:
+                self._made.clear()
+            if key == FULL:
+                caps = ((_FULL_CAP,) * self.num_kv_heads,) * self.num_layers
+                made = Budgets(caps, self.window, self.redistribute)
+            else:
+                made = policy_budgets(dataclasses.replace(self, kv_size=key), self.num_layers, self.num_kv_heads,
+                                      self.scores)
+            self._made[key] = made
+        return made
+
+
 @dataclasses.dataclass(frozen=True)
 class Budgets:
     """Caps for every (layer, KV head) and the rule that turns them into kept lengths."""

@@ -1,0 +1,96 @@
+"""HeadKV's metrics on vLLM's Prometheus ``/metrics``: a vLLM stat-logger plugin
+(entry point group ``vllm.stat_logger_plugins``), run in the API server process with
+vLLM's own loggers, named and labelled as vLLM's (``vllm:`` prefix, ``model_name`` and
+``engine`` labels, gauges in multiprocess mode ``mostrecent``).
+
+- ``vllm:headkv_head_pages_in_use`` / ``vllm:headkv_head_pages_free``: the page pool
+  (vLLM's KV-cache usage times the pool's head pages).
+- ``vllm:headkv_prompt_tokens_total`` / ``vllm:headkv_kept_tokens_total``: prompt tokens
+  of the finished requests that were prefilled, and the tokens their KV heads kept on
+  average (over layers and heads, window included).
+- ``vllm:headkv_kept_share``: histogram of each such request's kept / prompt tokens.
+- ``vllm:headkv_requests_total{compressed="true"|"false"}``: finished requests whose
+  heads kept fewer tokens than the prompt (or did not).
+
+Kept tokens follow from a request's prompt length and its KV size (the server's, or
+its ``vllm_xargs`` ``headkv_kv_size``, noted as the request arrives), as the worker
+computes them (``Budgets.kept``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from headkv_vllm.engine.compat import BACKEND_NAME, StatLoggerBase, selected_backend_name
+
+KEPT_SHARE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 0.9, 1.0)
+MAX_NOTED = 65536  # requests' own KV sizes remembered until they finish (oldest dropped beyond)
+
+# external request id -> its own KV size, noted by the request check (engine.compat patch 6)
+_request_kv_sizes: "OrderedDict[str, int | str]" = OrderedDict()
+
+
+def note_request_kv_size(request_id: str, kv_size) -> None:
+    if kv_size is None:
+        return
+    _request_kv_sizes[request_id] = kv_size
+    while len(_request_kv_sizes) > MAX_NOTED:
+        _request_kv_sizes.popitem(last=False)
+
+
+class HeadKVStatLogger(StatLoggerBase):
+    def __init__(self, vllm_config, engine_index: int = 0):
+        self.vllm_config = vllm_config
+        self.labels = [vllm_config.model_config.served_model_name, str(engine_index)]
+        self.rule = None
+        if selected_backend_name(vllm_config) == BACKEND_NAME:
+            from headkv_vllm.engine.settings import headkv_from_vllm_config
+
+            _, self.rule, _ = headkv_from_vllm_config(vllm_config)
+        self.metrics = None  # made at the first record: vLLM's Prometheus logger, built
+        # after the plugins, unregisters every 'vllm:' collector when it starts
+
+    def _made(self) -> dict:
+        if self.metrics is None:
+            from prometheus_client import Counter, Gauge, Histogram
+
+            names = ["model_name", "engine"]
+            gauge = lambda name, doc: Gauge(name, doc, labelnames=names, multiprocess_mode="mostrecent")
+            self.metrics = {
+                "in_use": gauge("vllm:headkv_head_pages_in_use", "HeadKV head pages held by requests."),
+                "free": gauge("vllm:headkv_head_pages_free", "HeadKV head pages free in the pool."),
+                "prompt": Counter("vllm:headkv_prompt_tokens", "Prompt tokens of finished, prefilled requests.",
+                                  labelnames=names),
+                "kept": Counter("vllm:headkv_kept_tokens", "Tokens each KV head kept of those prompts, on average "
+                                "over layers and heads (window included).", labelnames=names),
+                "share": Histogram("vllm:headkv_kept_share", "Kept / prompt tokens per finished, prefilled request.",
+                                   labelnames=names, buckets=KEPT_SHARE_BUCKETS),
+                "requests": Counter("vllm:headkv_requests", "Finished, prefilled requests, compressed or not.",
+                                    labelnames=names + ["compressed"]),
+            }
+        return self.metrics
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        if self.rule is None:
+            return
+        m = self._made()
+        # vLLM's usage is of the pool without its null block
+        total = (self.vllm_config.cache_config.num_gpu_blocks or 1) - 1
+        if scheduler_stats is not None and total > 0:
+            in_use = round(scheduler_stats.kv_cache_usage * total)
+            m["in_use"].labels(*self.labels).set(in_use)
+            m["free"].labels(*self.labels).set(total - in_use)
+        for done in getattr(iteration_stats, "finished_requests", None) or ():
+            kv_size = _request_kv_sizes.pop(done.request_id, None)
+            n = done.num_prompt_tokens
+            if not n or not done.num_generation_tokens:  # never prefilled (aborted while waiting)
+                continue
+            kept = self.rule.budgets(kv_size).kept(n)
+            mean = sum(map(sum, kept)) / (self.rule.num_layers * self.rule.num_kv_heads)
+            m["prompt"].labels(*self.labels).inc(n)
+            m["kept"].labels(*self.labels).inc(mean)
+            m["share"].labels(*self.labels).observe(mean / n)
+            m["requests"].labels(*self.labels, "true" if mean < n else "false").inc()
+
+    def log_engine_initialized(self):
+        pass
