@@ -79,7 +79,7 @@ def test_errors_name_the_file_and_the_fix(tmp_path, capsys):
                                "kv_head_scores": [[1, 2], [3, 4], [5, 6]]}))
     with pytest.raises(SystemExit, match=r"old.json: key 'query_head_scores' is missing.*Use --per kv-head"):
         budgets_cli([str(old), "--per", "query-head"])
-    with pytest.raises(SystemExit, match=r"setting 'beta' must be > 1"):
+    with pytest.raises(SystemExit, match=r"setting 'beta' must be a finite number > 1"):
         budgets_cli([str(old), "--beta", "0.9"])
     with pytest.raises(SystemExit, match=r"missing.json: no such score file"):
         budgets_cli([str(tmp_path / "missing.json")])
