@@ -101,6 +101,7 @@ def test_unread_gauges_show_as_unknown_not_zero(tmp_path):
     row = next(line for line in bench_table(result).splitlines() if line.startswith("| SnapKV @ 32"))
     assert "| - | - |" in row
     assert bench_plot(result, tmp_path / "b.png").stat().st_size > 0
+    assert itl_plot(result, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()  # no gaps
     result["configs"][0]["itl_percentiles_s"] = [0.01 * (1 + q / 10) for q in range(101)]
     assert itl_plot(result, tmp_path / "itl.png").stat().st_size > 0  # configs without a distribution are left out
 

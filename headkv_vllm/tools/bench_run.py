@@ -68,7 +68,7 @@ def run_bench(args: argparse.Namespace, model: ModelIdentity, methods: list[Meth
     png = bench_plot(result, out / f"{args.name}.png")
     itl_png = itl_plot(result, out / f"{args.name}_itl.png")
     print(table)
-    print(f"wrote {json_path}, {out / f'{args.name}.md'}, {png}, {itl_png}")
+    print(f"wrote {json_path}, {out / f'{args.name}.md'}, {png}" + (f", {itl_png}" if itl_png else ""))
     return 0 if all("error" not in c for c in result["configs"]) else 1
 
 

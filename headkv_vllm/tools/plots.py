@@ -113,16 +113,18 @@ def bench_plot(result: dict, path: Path) -> Path:
     return path
 
 
-def itl_plot(result: dict, path: Path) -> Path:
+def itl_plot(result: dict, path: Path) -> Path | None:
     """Inter-token latency distribution of every configuration: the share of gaps between
     two streamed tokens of a request that are at most x. A decode that stalls behind a
-    long prefill shows as a tail to the right."""
+    long prefill shows as a tail to the right. None (no file) when no configuration has
+    inter-token gaps (one output token per request)."""
+    shown = [c for c in result["configs"] if "error" not in c and c.get("itl_percentiles_s")]
+    if not shown:
+        return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for c in result["configs"]:
-        pct = c.get("itl_percentiles_s")
-        if "error" in c or not pct:
-            continue
+    for c in shown:
+        pct = c["itl_percentiles_s"]
         ax.plot([1000 * v for v in pct], [q / 100 for q in range(len(pct))], label=c["config"],
                 linestyle="--" if c["method"] == "full" else "-")
     ax.set_xscale("log")
