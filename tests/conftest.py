@@ -14,6 +14,11 @@ if not torch.cuda.is_available():
     # first imports headkv_vllm.kernels, so it must be set before collection.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The engines and servers the tests start inherit this: vLLM's CPU worker would bind
+# its threads to one core and leave the other idle on a 2-core machine (the tests run
+# one engine at a time, so every core the process may use goes to it).
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+
 from headkv_vllm.method.scores import ModelIdentity
 
 ROOT = Path(__file__).resolve().parents[1]

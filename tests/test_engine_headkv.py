@@ -42,16 +42,20 @@ LOGPROB_ATOL = 1e-3
 
 
 @pytest.mark.slow
-# Every policy, and both sizes of HEADKV (~50 s of engine each on two cores); prompts in
-# one step, or in chunks of ``chunk`` tokens (docs/kv_layout.md, "Chunked prefill"). With
-# 331: the 1000-token prompt's last chunk is 7 tokens (window 8: one window query comes
-# from the chunk before), and the 2800-token prompt is chunked while the first decodes.
-@pytest.mark.parametrize("policy, kv_size, chunk", [("headkv", 64, None), ("headkv", 128, 331), ("snapkv", 128, 256),
-                                                    ("pyramidkv", 64, 512)])
+# Every policy at both sizes, prompts in one step or in chunks of 256 and 512 tokens
+# (docs/kv_layout.md, "Chunked prefill"); ~35 s of engine each on two cores. The
+# 1030-token prompt's last chunk is 6 tokens under both chunk sizes, so two of its 8
+# window queries come from the chunk before; the 2800-token prompt is chunked while the
+# first one decodes.
+@pytest.mark.parametrize("policy, kv_size, chunk", [
+    ("headkv", 64, None), ("headkv", 128, 256), ("headkv", 64, 512),
+    ("snapkv", 128, 256), ("snapkv", 64, 512),
+    ("pyramidkv", 64, 512), ("pyramidkv", 128, 256),
+])
 def test_compressed_matches_reference(model_dir, haystack_ids, reference, policy, kv_size, chunk):
     # headkv: the committed SmolLM2 R2 scores, found by the engine's default lookup
     cfg = {"policy": policy, "kv_size": kv_size}
-    prompts = [haystack_ids[1000:2000], haystack_ids[12000:14800]]
+    prompts = [haystack_ids[1000:2030], haystack_ids[12000:14800]]
     steps = 16
     chunking = {"enable_chunked_prefill": True, "max_num_batched_tokens": chunk} if chunk else \
         {"max_num_batched_tokens": 4096}
