@@ -20,7 +20,7 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["headkv = headkv_vllm:register"],
-        "vllm.stat_logger_plugins": ["headkv = headkv_vllm.engine.metrics:HeadKVStatLogger"],
+        "vllm.stat_logger_plugins": ["headkv_metrics = headkv_vllm.engine.metrics:HeadKVStatLogger"],
         "console_scripts": ["headkv-vllm = headkv_vllm.cli:main"],
     },
 )

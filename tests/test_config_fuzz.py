@@ -143,6 +143,8 @@ def corrupted_score_files(rng: random.Random, tmp_path: Path) -> list[Path]:
         lambda: mutated(set_key(("kv_aggregation",), "max")),
         lambda: mutated(set_cell(0.5)),  # no longer the sum of its query heads
         lambda: mutated(another_model),
+        lambda: mutated(set_cell(10**400)),  # an integer no float holds
+        lambda: text.replace("[", "[" + "9" * 5000 + ",", 1),  # an integer too long to read
     ]
     files = []
     for i in range(NUM_SCORE_FILES):

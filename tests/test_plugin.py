@@ -101,3 +101,23 @@ def test_other_vllm_versions_are_refused(version):
 def test_pinned_version_is_accepted():
     check_vllm_version("0.32.0")
     check_vllm_version("0.32.1+cpu")
+
+
+def test_config_error_is_found_where_it_was_raised_from_not_while_handled():
+    from headkv_vllm.engine.plugin import config_error
+    from headkv_vllm.method.config import HeadKVConfigError
+
+    try:
+        try:
+            raise HeadKVConfigError("bad key")
+        except HeadKVConfigError as e:
+            raise ValueError("wrapped") from e
+    except ValueError as wrapped:
+        assert str(config_error(wrapped)) == "bad key"
+    try:
+        try:
+            raise HeadKVConfigError("bad key")
+        except HeadKVConfigError:
+            raise RuntimeError("an unrelated crash while handling it")
+    except RuntimeError as crash:
+        assert config_error(crash) is None  # its own traceback is printed, not the paragraph

@@ -33,6 +33,15 @@ def test_bad_values_name_the_field_and_what_is_allowed(extra, says):
     assert err.value.field == field and str(err.value).startswith(field) and says in str(err.value)
 
 
+def test_keys_of_any_type_and_unchecked_values():
+    check({3: "x", None: 1, "headkv_kv_size": 64}, window=8)
+    with pytest.raises(RequestSettingError):
+        check({3: "x", "headkv_kv_size": "lots"}, window=8)
+    # a value that skipped the check counts as the server's size on both sides of the engine
+    for value in ("lots", 0, -5, 2**31, 64.0, True, [64]):
+        assert request_kv_size({"headkv_kv_size": value}) is None
+
+
 def test_headkv_keys_on_a_server_without_headkv():
     with pytest.raises(RequestSettingError, match="does not run HeadKV"):
         check({"headkv_kv_size": 64}, window=None)

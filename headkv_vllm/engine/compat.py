@@ -545,7 +545,7 @@ def validate_request_settings(check: Callable[[VllmConfig, str, object], None]) 
     original = InputProcessor.process_inputs
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        if isinstance(params, SamplingParams) and params.extra_args:
+        if isinstance(params, SamplingParams):
             try:
                 check(self.vllm_config, request_id, params)
             except ValueError as e:

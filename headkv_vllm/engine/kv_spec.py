@@ -11,6 +11,7 @@ page needs without hearing from the worker. See docs/kv_layout.md.
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 
 from headkv_vllm.method.budgets import BudgetRule, Budgets
 from headkv_vllm.method.request_settings import request_kv_size
@@ -133,21 +134,31 @@ class HeadKVManager(SingleTypeKVCacheManager):
         # The scheduler's requests by id (engine.compat hands them over once the scheduler
         # is built): a request's own KV size is in its sampling params.
         self.requests: dict | None = None
-        self.counters: dict[int | str | None, PageCounter] = {}
+        self.counters: OrderedDict[int | str | None, PageCounter] = OrderedDict()
 
-    MAX_COUNTERS = 256  # one per KV size asked for, before the cache restarts
+    # Page counters of requests' own KV sizes kept (least recently used dropped beyond),
+    # each with fewer cached tables than the server size's: clients choose the sizes.
+    MAX_OWN_SIZES = 64
+    OWN_SIZE_TABLES = 256
 
     def counter(self, request_id: str) -> PageCounter:
         """Page counts of the request's own budgets."""
-        request = self.requests.get(request_id) if self.requests is not None else None
-        params = getattr(request, "sampling_params", None)
+        if self.requests is None:
+            raise RuntimeError("HeadKV: the scheduler did not hand its requests to the KV-cache manager "
+                               "(engine.compat patch 7); the scheduler class must run vLLM's Scheduler.__init__.")
+        params = getattr(self.requests.get(request_id), "sampling_params", None)
         kv_size = request_kv_size(params.extra_args) if params is not None else None
         counter = self.counters.get(kv_size)
         if counter is None:
-            if len(self.counters) >= self.MAX_COUNTERS:
-                self.counters.clear()
             budgets, layer = self.kv_cache_spec.budgets_for(kv_size), self.kv_cache_spec.layer_index
-            counter = self.counters[kv_size] = PageCounter(lambda n: budgets.kept(n)[layer], self.block_size)
+            counter = self.counters[kv_size] = PageCounter(
+                lambda n: budgets.kept(n)[layer], self.block_size,
+                *(() if kv_size is None else (self.OWN_SIZE_TABLES,)))
+            if len(self.counters) > self.MAX_OWN_SIZES + 1:
+                oldest = next(k for k in self.counters if k is not None)
+                del self.counters[oldest]
+        elif kv_size is not None:
+            self.counters.move_to_end(kv_size)
         return counter
 
     def _pages(self, request_id: str, num_tokens: int) -> int:

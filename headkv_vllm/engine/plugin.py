@@ -53,7 +53,8 @@ def check_request_settings(vllm_config, request_id: str, sampling_params) -> Non
     from headkv_vllm.method.config import HeadKVConfig
 
     extra = sampling_params.extra_args
-    if not any(str(k).startswith(request_settings.PREFIX) for k in extra):
+    if not any(str(k).startswith(request_settings.PREFIX) for k in extra or ()):
+        note_request_kv_size(request_id, None)  # a reused request id forgets an earlier size
         return
     window = None
     if selected_backend_name(vllm_config) == BACKEND_NAME:
@@ -81,7 +82,7 @@ def config_error(exc: BaseException | None):
             inner = (detail.get("ctx") or {}).get("error") if isinstance(detail, dict) else None
             if isinstance(inner, HeadKVConfigError):
                 return inner
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__  # what it was raised from, not what was being handled
     return None
 
 

@@ -92,17 +92,17 @@ class BudgetRule:
     def budgets(self, kv_size: int | str | None = None) -> "Budgets":
         """The budgets of ``kv_size`` (None: the server's)."""
         key = self.kv_size if kv_size is None else kv_size
-        made = self._made.get(key)
+        made = self._made.pop(key, None)
         if made is None:
             if len(self._made) >= self.MAX_CACHED:
-                self._made.clear()
+                del self._made[next(iter(self._made))]  # the least recently used
             if key == FULL:
                 caps = ((_FULL_CAP,) * self.num_kv_heads,) * self.num_layers
                 made = Budgets(caps, self.window, self.redistribute)
             else:
                 made = policy_budgets(dataclasses.replace(self, kv_size=key), self.num_layers, self.num_kv_heads,
                                       self.scores)
-            self._made[key] = made
+        self._made[key] = made  # (re)inserted last: most recently used
         return made
 
 

@@ -33,6 +33,9 @@ def row_offset(kept: tuple[int, ...], prompt_len: int, block_size: int) -> int:
     return uncompressed_pages(len(kept), prompt_len, block_size) - num_head_pages(kept, prompt_len, prompt_len, block_size)
 
 
+MAX_PROMPT_LENGTHS = 4096  # a PageCounter's cached tables (bs + 1 ints each) before its cache restarts
+
+
 class PageCounter:
     """``num_head_pages`` of one layer in O(1) per call, for the scheduler, which asks
     twice per layer per request per step.
@@ -43,11 +46,10 @@ class PageCounter:
     the counter keeps ``sum_h q[h]`` and the last term's sum for each ``s`` in
     ``[0, bs)``."""
 
-    MAX_PROMPT_LENGTHS = 4096  # cached tables (bs + 1 ints each) before the cache restarts
-
-    def __init__(self, kept_of, block_size: int):
+    def __init__(self, kept_of, block_size: int, max_tables: int = MAX_PROMPT_LENGTHS):
         self.kept_of = kept_of  # prompt length -> tuple of the layer's kept tokens per head
         self.block_size = block_size
+        self.max_tables = max_tables
         self._tables: dict[int, tuple[int, int, list[int]]] = {}
 
     def row_entries(self, prompt_len: int, num_tokens: int, chunked: bool) -> int:
@@ -76,7 +78,7 @@ class PageCounter:
         kept = [min(k, prompt_len) for k in self.kept_of(prompt_len)]
         whole = sum(k // bs for k in kept)
         last = [sum(-(-(k % bs + s) // bs) for k in kept) for s in range(bs)]
-        if len(self._tables) >= self.MAX_PROMPT_LENGTHS:
+        if len(self._tables) >= self.max_tables:
             self._tables.clear()
         table = self._tables[prompt_len] = (whole, len(kept), last)
         return table

@@ -33,7 +33,7 @@ def check(extra_args: Mapping[str, Any] | None, window: int | None) -> None:
     """Raise :class:`RequestSettingError` for a bad ``headkv_*`` key. ``window``: the
     server's observation window, or None when the server does not run HEADKV."""
     for key, value in (extra_args or {}).items():
-        if not key.startswith(PREFIX):
+        if not str(key).startswith(PREFIX):
             continue
         field = f"vllm_xargs.{key}"
         if window is None:
@@ -52,5 +52,10 @@ def check(extra_args: Mapping[str, Any] | None, window: int | None) -> None:
 
 
 def request_kv_size(extra_args: Mapping[str, Any] | None) -> int | str | None:
-    """The request's KV size (checked on arrival), or None: the server's."""
-    return extra_args.get(KV_SIZE) if extra_args else None
+    """The request's KV size (checked on arrival), or None: the server's. A value that
+    skipped the check (an engine-core request made by hand) and is no size at all counts
+    as None, the same on the scheduler and the worker, rather than failing in the engine."""
+    value = extra_args.get(KV_SIZE) if extra_args else None
+    if value == FULL or (type(value) is int and 0 < value <= MAX_KV_SIZE):
+        return value
+    return None

@@ -36,6 +36,7 @@ import importlib.resources
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from headkv_vllm.method.config import short_repr
@@ -123,7 +124,7 @@ def read_json(path: Path, not_found: str, invalid_fix: str = ""):
         raise ScoreFileError(f"{path}: is a folder, not a file. Name the JSON file itself.") from None
     except OSError as e:
         raise ScoreFileError(f"{path}: cannot be read ({e.strerror}). Fix its permissions or name another file.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer too long to read
         raise ScoreFileError(f"{path}: not valid JSON ({e}).{invalid_fix}") from None
 
 
@@ -152,7 +153,7 @@ def load_scores(path: str | Path) -> HeadScores:
     )
     scores = need("kv_head_scores", list)
     _check_matrix(path, "kv_head_scores", scores, model.num_layers, model.num_kv_heads, "KV heads")
-    total = sum(map(sum, scores))
+    total = sum(float(s) for row in scores for s in row)
     if not math.isfinite(total):
         raise ScoreFileError(f"{path}: key 'kv_head_scores' sums to {total} (too large to split a budget by).{REGENERATE}")
     if total <= 0:
@@ -177,7 +178,7 @@ def _check_matrix(path, key: str, rows, num_layers: int, num_heads: int, what: s
         )
     for layer, row in enumerate(rows):
         for head, s in enumerate(row):
-            if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s) or s < 0:
+            if not isinstance(s, (int, float)) or isinstance(s, bool) or not (0 <= s <= sys.float_info.max):
                 raise ScoreFileError(
                     f"{path}: key '{key}[{layer}][{head}]' must be a finite number >= 0, got {short_repr(s)}.{REGENERATE}")
 
