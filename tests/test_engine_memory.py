@@ -186,7 +186,8 @@ def test_requests_with_their_own_kv_sizes(model_dir, haystack_ids):
     "full" request's greedy tokens equal stock vLLM's."""
     cfg = {"policy": "headkv", "kv_size": 128}  # the committed SmolLM2 R2 scores
     sizes = [64, None, 512, "full"]
-    prompts = [haystack_ids[i * 3000 : i * 3000 + n] for i, n in enumerate([1500, 900, 1200, 1000])]
+    # three of the same length: what a request keeps must follow its size, not its length
+    prompts = [haystack_ids[i * 3000 : i * 3000 + n] for i, n in enumerate([1200, 900, 1200, 1200])]
     sampling = dict(temperature=0.0, max_tokens=24, ignore_eos=True)
     result = probe({
         "engine": {**engine(model_dir, **cfg), "enable_chunked_prefill": True, "max_num_batched_tokens": 512},

@@ -189,6 +189,7 @@ def test_per_request_kv_sizes_and_bad_values(server, model_dir, haystack_ids, sk
         assert after[counter] == before[counter], counter  # nothing reached the engine
 
     sizes = {"own-64": 64, "own-full": "full", "own-server": None}
+    tokens = {}
     prompts = {name: haystack_ids[70000 + i * 1000 : 70000 + i * 1000 + 800] for i, name in enumerate(sizes)}
 
     async def run():
@@ -196,7 +197,8 @@ def test_per_request_kv_sizes_and_bad_values(server, model_dir, haystack_ids, sk
             async def one(name):
                 xargs = {} if sizes[name] is None else {"vllm_xargs": {"headkv_kv_size": sizes[name]}}
                 r = await client.completions.create(model=model, prompt=prompts[name], max_tokens=8, temperature=0.0,
-                                                    extra_body={"request_id": name, **xargs})
+                                                    logprobs=1, extra_body={"request_id": name, **xargs})
+                tokens[name] = r.choices[0].logprobs.tokens
                 return r.usage.completion_tokens
             return await asyncio.gather(*(one(name) for name in sizes))
 
@@ -241,6 +243,15 @@ def test_per_request_kv_sizes_and_bad_values(server, model_dir, haystack_ids, sk
     assert delta['vllm:headkv_requests_total{compressed="false"}'] == 2  # "full", and the short one
     assert abs(delta["vllm:headkv_kept_tokens_total"] - sum(means.values()) - hello) < 1e-6
     assert delta["vllm:headkv_kept_share_count"] == 4
+
+    # the "full" request, run next to compressed ones, gives stock vLLM's greedy tokens
+    from headkv_vllm.tools.serve_process import ServerConfig, VllmServer
+
+    stock_config = ServerConfig(model=model, max_model_len=MAX_LEN, kv_cache_memory_bytes=2**30)
+    with VllmServer(stock_config, log_path.with_name("stock_serve.log")) as stock:
+        r = requests.post(f"{stock.base_url}/v1/completions", timeout=300, json={
+            "model": model, "prompt": prompts["own-full"], "max_tokens": 8, "temperature": 0.0, "logprobs": 1})
+    assert r.json()["choices"][0]["logprobs"]["tokens"] == tokens["own-full"]
 
 
 def headkv_metrics(base: str) -> dict[str, float]:

@@ -112,6 +112,7 @@ class StepPlan:
     kept_host: torch.Tensor  # [L, R, Hkv] int32 host (the CPU page store builds page lists from it)
     lengths_host: torch.Tensor  # [L, R, Hkv] int32 host
     prompt_lens: tuple[int, ...]  # [R]
+    kv_sizes: tuple  # [R] each request's own KV size, None where the server's (with prompt_lens: its kept tokens)
     prefills: tuple[PrefillPlan, ...]
     decode_tokens: torch.Tensor  # [D] int64 device, step-token row of each decode
     decode_span: tuple[int, int] | None  # the same rows as a range when they are contiguous
@@ -284,7 +285,7 @@ def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
     return StepPlan(
         num_actual_tokens=inputs.num_actual_tokens, block_size=block_size,
         kept=kept_dev.view(kept.shape), lengths=lengths_dev.view(kept.shape), kept_host=kept, lengths_host=lengths,
-        prompt_lens=tuple(prompt_list), prefills=prefills, decode_tokens=decode_tokens.long(), decode_span=decode_span, decode_reqs=decode_reqs_dev.long(),
+        prompt_lens=tuple(prompt_list), kv_sizes=inputs.kv_sizes or (None,) * n, prefills=prefills, decode_tokens=decode_tokens.long(), decode_span=decode_span, decode_reqs=decode_reqs_dev.long(),
         decode_reqs_host=decode_reqs, decode_req_span=decode_req_span, decode_max_len=int(decode_max), max_pages=max_pages,
         prefill_tokens=prefill_tokens_dev.long(), prefill_span=(spans[0][0], spans[-1][1]) if spans and contiguous else None,
         prefill_cu_seqlens=cu_dev, prefill_max_len=max(q_lens, default=0),

@@ -74,22 +74,22 @@ class CpuPageStore:
         self.isa = cpu_attention_isa(dtype, block_size, head_size)
         self.attend_prompts = CpuPromptAttention(dtype, head_size, num_heads, num_kv_heads)
         self._positions: tuple[tuple, torch.Tensor] | None = None
-        self._by_prompt: dict[int, torch.Tensor] = {}
+        self._by_prompt: dict[tuple, torch.Tensor] = {}  # (prompt length, own KV size) -> positions
         self._cached = 0  # entries held in _by_prompt
 
     def _page_positions(self, plan: StepPlan, row_width: int) -> torch.Tensor:
         """[L, R, Hkv, J] block-table position of each head page, for all layers.
 
-        A page's position depends only on the request's prompt length (through
-        ``kept``), so it is computed once per prompt length for every page a head can
-        reach, and restacked only when the batch or its page count changes."""
-        key = (tuple(plan.prompt_lens), plan.max_pages, row_width)
+        A page's position depends only on the request's kept tokens, i.e. on its prompt
+        length and KV size, so it is computed once per (prompt length, KV size) for every
+        page a head can reach, and restacked only when the batch or its page count changes."""
+        key = (plan.prompt_lens, plan.kv_sizes, plan.max_pages, row_width)
         if self._positions is None or self._positions[0] != key:
             # pages a head can reach: the row's share, cached to the next power of two in use
             reach = min(1 << max(3, (plan.max_pages - 1).bit_length()), max(1, row_width // plan.kept_host.shape[2]))
             reach = max(reach, plan.max_pages)
-            per_prompt = [self._positions_of(n, r, plan, reach)[:, :, : plan.max_pages]
-                          for r, n in enumerate(plan.prompt_lens)]
+            per_prompt = [self._positions_of((n, k), r, plan, reach)[:, :, : plan.max_pages]
+                          for r, (n, k) in enumerate(zip(plan.prompt_lens, plan.kv_sizes))]
             pos = torch.stack(per_prompt, dim=1).long() if per_prompt else \
                 torch.zeros(plan.kept_host.shape + (plan.max_pages,), dtype=torch.long)
             # pages a head never reaches may sort past the row's end; they are never read
@@ -98,9 +98,9 @@ class CpuPageStore:
 
     MAX_CACHED_POSITIONS = 1 << 26  # int32 entries (256 MB) before the cache restarts
 
-    def _positions_of(self, prompt_len: int, row: int, plan: StepPlan, reach: int) -> torch.Tensor:
-        """[L, Hkv, >= reach] int32 positions of a request with this prompt length (cached)."""
-        pos = self._by_prompt.get(prompt_len)
+    def _positions_of(self, key: tuple, row: int, plan: StepPlan, reach: int) -> torch.Tensor:
+        """[L, Hkv, >= reach] int32 positions of a request with this (prompt length, KV size) (cached)."""
+        pos = self._by_prompt.get(key)
         if pos is None or pos.shape[2] < reach:
             if pos is not None:
                 self._cached -= pos.numel()
@@ -108,7 +108,7 @@ class CpuPageStore:
                 self._by_prompt.clear()
                 self._cached = 0
             pos = page_positions(plan.kept_host[:, row].long(), self.block_size, reach).to(torch.int32)
-            self._by_prompt[prompt_len] = pos
+            self._by_prompt[key] = pos
             self._cached += pos.numel()
         return pos
 
