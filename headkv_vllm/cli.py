@@ -14,6 +14,7 @@ COMMANDS = {
     "import-scores": ("headkv_vllm.tools.import_scores", "convert a published HeadKV score file into configs/ format"),
     "budgets": ("headkv_vllm.tools.budget_table", "print the per-head budget table a score file yields"),
     "node-check": ("headkv_vllm.tools.node_check", "one stage of the staged check of HEADKV against stock vLLM on a serving node"),
+    "stress": ("headkv_vllm.tools.stress", "load, client disconnects and bad requests against a HEADKV server; checks nothing leaked"),
     "sched-sim": ("headkv_vllm.tools.sched_sim", "vLLM's scheduler with stock blocks vs head pages at GPU pool sizes, simulated on the CPU"),
 }
 

@@ -142,5 +142,49 @@ def itl_plot(result: dict, path: Path) -> Path | None:
     return path
 
 
+def stress_plot(result: dict, path: Path) -> Path:
+    """``stress``: the server's RSS per process, head pages in use and requests running
+    and waiting over the run; idle checkpoints as dots (their pages must be 0)."""
+    plt = _pyplot()
+    samples, checks = result["samples"], result["checkpoints"]
+    minutes = lambda rows: [r["t"] / 60 for r in rows]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 7.5), sharex=True)
+    for proc, style in (("total", "-"), ("worker", "-."), ("engine_core", "--"), ("api_server", ":")):
+        axes[0].plot(minutes(samples), [s["rss_mib"][proc] for s in samples], style, label=proc.replace("_", " "))
+    axes[0].plot(minutes(checks), [c["rss_mib"]["total"] for c in checks], "o", color="black", markersize=3,
+                 label="idle checkpoints")
+    warmup = result["drift"]["warmup_s"] / 60
+    axes[0].axvline(warmup, color="grey", linestyle="--", linewidth=0.8)
+    drift = result["drift"].get("rss_total_drift_pct")
+    axes[0].set_title("server RSS" + ("" if drift is None else f" (total drift after warm-up: {drift:+.2f}%)"),
+                      fontsize=9)
+    axes[0].set_ylabel("MiB")
+    axes[0].set_ylim(bottom=0)
+    axes[0].legend(fontsize=7, loc="lower right")
+    with_gauges = [s for s in samples if s.get("pages_in_use") is not None]
+    axes[1].plot(minutes(with_gauges), [s["pages_in_use"] for s in with_gauges], label="in use")
+    axes[1].plot(minutes(checks), [c["pages_in_use"] or 0 for c in checks], "o", color="black", markersize=3,
+                 label="at idle checkpoints")
+    pool = (result.get("server", {}).get("headkv_pool") or {}).get("pool_head_pages")
+    if pool:
+        axes[1].axhline(pool, color="grey", linestyle="--", label=f"pool ({pool})")
+    axes[1].set_ylabel("head pages")
+    axes[1].legend(fontsize=7, loc="upper right")
+    for key in ("running", "waiting"):
+        rows = [s for s in samples if s.get(key) is not None]
+        axes[2].plot(minutes(rows), [s[key] for s in rows], label=key)
+    axes[2].set_ylabel("requests")
+    axes[2].set_xlabel("minutes")
+    axes[2].legend(fontsize=7, loc="upper right")
+    s = result["summary"]
+    fig.suptitle(f"{result['model']}: {s['requests']} requests, {s['outcomes'].get('cancelled', 0)} cancelled, "
+                 f"{s['outcomes'].get('rejected', 0)} malformed rejected, {s['preemptions']:.0f} preemptions",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")

@@ -1,0 +1,119 @@
+"""One ``headkv-vllm stress`` job sent over HTTP, and what became of it.
+
+Outcomes: ``completed`` (a well-formed request answered in full: ``max_tokens``
+tokens, finish reason "length"), ``cancelled`` (the client closed the stream on
+purpose), ``rejected`` (a malformed request answered 4xx, naming the field where the
+job says which), ``failed`` (anything else: a 5xx, a wrong answer, no answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+
+from headkv_vllm.tools.stress_workload import Job
+
+
+async def run_job(client: httpx.AsyncClient, base_url: str, job: Job) -> dict:
+    out = {"index": job.index, "kind": job.kind, "kv_size": job.kv_size, "sent": time.monotonic(), "status": None,
+           "tokens": 0, "outcome": "failed", "detail": None}
+    if job.malformed:
+        out["malformed"] = job.malformed
+    try:
+        if job.stream:
+            await _streamed(client, base_url, job, out)
+        else:
+            await _whole(client, base_url, job, out)
+    except Exception as e:  # noqa: BLE001 - every error of one job is that job's outcome
+        out["outcome"], out["detail"] = "failed", f"{type(e).__name__}: {e}"[:300]
+    out["seconds"] = time.monotonic() - out.pop("sent")
+    return out
+
+
+async def _whole(client: httpx.AsyncClient, base_url: str, job: Job, out: dict) -> None:
+    if job.raw is not None:
+        r = await client.post(base_url + job.path, content=job.raw, headers={"content-type": "application/json"})
+    else:
+        r = await client.post(base_url + job.path, json=job.body)
+    out["status"] = r.status_code
+    if job.kind == "malformed":
+        _judge_rejection(job, r.status_code, r.text, out)
+        return
+    if r.status_code != 200:
+        out["detail"] = f"HTTP {r.status_code}: {r.text[:200]}"
+        return
+    data = r.json()
+    out["tokens"] = data["usage"]["completion_tokens"]
+    _judge_completion(job, out["tokens"], data["choices"][0].get("finish_reason"), out)
+
+
+async def _streamed(client: httpx.AsyncClient, base_url: str, job: Job, out: dict) -> None:
+    finish, usage_tokens = None, None
+    async with client.stream("POST", base_url + job.path, json=job.body) as r:
+        out["status"] = r.status_code
+        if r.status_code != 200:
+            out["detail"] = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+            return
+        lines = r.aiter_lines()
+        if job.kind == "disconnect" and job.after_tokens == 0:
+            # Close before the first token: after the delay, or at once if a token comes sooner.
+            try:
+                async with asyncio.timeout(job.delay_s):
+                    async for line in lines:
+                        if _chunk_tokens(line):
+                            out["tokens"] = 1
+                            break
+            except TimeoutError:
+                pass
+            out["outcome"] = "cancelled"
+            return  # leaving the block closes the connection: the server aborts the request
+        async for line in lines:
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                out["detail"] = f"error in stream: {str(chunk['error'])[:200]}"
+                return
+            if chunk.get("usage"):
+                usage_tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices") or ():
+                out["tokens"] += 1 if _has_token(choice) else 0
+                finish = choice.get("finish_reason") or finish
+            if job.kind == "disconnect" and out["tokens"] >= job.after_tokens:
+                out["outcome"] = "cancelled"
+                return
+    _judge_completion(job, usage_tokens if usage_tokens is not None else out["tokens"], finish, out)
+
+
+def _has_token(choice: dict) -> bool:
+    if "text" in choice:
+        return bool(choice["text"]) or choice.get("finish_reason") is None
+    delta = choice.get("delta") or {}
+    return "content" in delta and delta.get("role") is None or bool(delta.get("content"))
+
+
+def _chunk_tokens(line: str) -> bool:
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return False
+    chunk = json.loads(line[6:])
+    return any(_has_token(c) for c in chunk.get("choices") or ())
+
+
+def _judge_completion(job: Job, tokens: int, finish: str | None, out: dict) -> None:
+    out["tokens"] = tokens
+    if tokens == job.max_tokens and finish == "length":
+        out["outcome"] = "completed"
+    else:
+        out["detail"] = f"{tokens} of {job.max_tokens} tokens, finish reason {finish!r}"
+
+
+def _judge_rejection(job: Job, status: int, text: str, out: dict) -> None:
+    if not 400 <= status < 500:
+        out["detail"] = f"{job.malformed}: HTTP {status}, expected 4xx: {text[:200]}"
+    elif job.field and job.field not in text:
+        out["detail"] = f"{job.malformed}: HTTP {status} without naming {job.field}: {text[:200]}"
+    else:
+        out["outcome"] = "rejected"
