@@ -68,12 +68,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.method not in METHODS or args.method == FULL:
         p.error(f"--method: {args.method!r} is not a HEADKV method; use one of {', '.join(m for m in METHODS if m != FULL)}.")
-    try:
-        from headkv_vllm.tools.stress_workload import Mix
+    from headkv_vllm.tools.stress_workload import Mix
 
-        args.mix_weights = Mix(*(float(v) for v in args.mix.split(",")))
-    except (TypeError, ValueError):
+    try:
+        weights = [float(v) for v in args.mix.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != 4:
         p.error(f"--mix: give four comma-separated weights (complete, chat, disconnect, malformed); got {args.mix!r}.")
+    args.mix_weights = Mix(*weights)
     if min(args.mix_weights.weights()) < 0 or sum(args.mix_weights.weights()) <= 0:
         p.error(f"--mix: weights must be >= 0 and not all 0; got {args.mix!r}.")
     for name in ("requests", "round_size", "concurrency", "max_output"):

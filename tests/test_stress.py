@@ -1,0 +1,134 @@
+"""``headkv-vllm stress``: the seeded workload, the judgement of answers, the verdict
+and drift, and a short real run against a HEADKV server (slow)."""
+
+import json
+
+import pytest
+
+from headkv_vllm.tools.stress import main, parse_args, stress_table, verdict
+from headkv_vllm.tools.stress_client import _judge_completion, _judge_rejection
+from headkv_vllm.tools.stress_watch import drift
+from headkv_vllm.tools.stress_workload import KINDS, Job, Mix, make_jobs
+
+IDS = list(range(100, 20100))
+TEXT = "word " * 5000
+
+
+def jobs(n=300, seed=0, **kw):
+    return make_jobs(n, seed, model="m", haystack_ids=IDS, haystack_text=TEXT, max_model_len=1024, vocab_size=50000,
+                     window=8, **kw)
+
+
+def test_jobs_are_seeded_and_mix_every_kind():
+    a, b, c = jobs(seed=1), jobs(seed=1), jobs(seed=2)
+    assert [(j.kind, j.body, j.raw) for j in a] == [(j.kind, j.body, j.raw) for j in b]
+    assert [(j.kind, j.body) for j in a] != [(j.kind, j.body) for j in c]
+    assert {j.kind for j in a} == set(KINDS)
+    assert len({j.malformed for j in a if j.malformed}) >= 8
+    kv = {j.kv_size for j in a if j.kind != "malformed"}
+    assert {None, 32, "full"} <= kv
+    for j in a:
+        if j.kind in ("complete", "disconnect"):
+            assert 16 <= len(j.body["prompt"]) <= 1024 - 64 - 8
+            assert j.body["request_id"] == j.request_id and j.body["ignore_eos"]
+        if j.kind == "disconnect":
+            assert j.stream and (0 < j.after_tokens < j.max_tokens or (j.after_tokens == 0 and j.delay_s > 0))
+        if j.kv_size is not None and j.kind != "malformed":
+            assert j.body["vllm_xargs"] == {"headkv_kv_size": j.kv_size}
+    assert [j.index for j in jobs(5, first_index=40)] == [40, 41, 42, 43, 44]
+
+
+def test_mix_weights_choose_the_kinds():
+    only = jobs(50, mix=Mix(complete=0, chat=0, disconnect=0, malformed=1))
+    assert {j.kind for j in only} == {"malformed"}
+
+
+def test_answers_are_judged():
+    job = Job(0, "complete", "/v1/completions", {}, max_tokens=5)
+    out = {}
+    _judge_completion(job, 5, "length", out)
+    assert out["outcome"] == "completed"
+    out = {}
+    _judge_completion(job, 4, "stop", out)
+    assert "outcome" not in out and "4 of 5" in out["detail"]
+    bad = Job(1, "malformed", "/v1/completions", {}, malformed="kv", field="vllm_xargs.headkv_kv_size")
+    for status, text, ok in ((400, "vllm_xargs.headkv_kv_size must be", True), (400, "bad request", False),
+                             (500, "vllm_xargs.headkv_kv_size", False), (200, "{}", False)):
+        out = {}
+        _judge_rejection(bad, status, text, out)
+        assert (out.get("outcome") == "rejected") == ok, (status, text)
+
+
+def _result(checkpoints, failed=0, http_5xx=0, alive=True, preemptions=3):
+    summary = {"outcomes": {"completed": 10, "failed": failed}, "http_5xx": http_5xx, "preemptions": preemptions,
+               "failures": [{"detail": "HTTP 500"}] * failed, "requests": 10 + failed, "duration_s": 60.0,
+               "requests_per_s": 0.2, "cancelled_before_first_token": 0, "cancelled_after_prefill_began": 0,
+               "cancelled_mid_decode": 0, "malformed": {"unknown model": {"404": 2}}}
+    result = {"summary": summary, "checkpoints": checkpoints, "server_alive_at_end": alive,
+              "drift": drift(checkpoints, 60), "settings": {"concurrency": 4}, "kv_cache_bytes": 2**24,
+              "model": "m", "samples": [{"t": c["t"], "rss_mib": c["rss_mib"], "pages_in_use": 5.0, "running": 1.0,
+                                         "waiting": 0.0} for c in checkpoints], "server": {}}
+    result["verdict"] = verdict(result)
+    return result
+
+
+def _checkpoint(t, rss, pages=0.0, idle=True):
+    return {"t": t, "round": int(t // 60), "idle": idle, "running": 0.0 if idle else 2.0, "waiting": 0.0,
+            "kv_usage": pages / 1000, "pages_in_use": pages, "preemptions": 3.0,
+            "rss_mib": {"total": rss, "worker": rss / 2, "engine_core": rss / 4, "api_server": rss / 4}}
+
+
+def test_verdict_and_drift(tmp_path):
+    from headkv_vllm.tools.plots import stress_plot
+
+    clean = _result([_checkpoint(t, 1000 + t / 60) for t in (0, 60, 120, 180, 3660)])
+    assert clean["verdict"]["passed"] and clean["verdict"]["problems"] == []
+    d = clean["drift"]
+    assert d["checkpoints_after_warmup"] == 4 and d["pages_in_use_at_idle_max"] == 0
+    assert d["rss_total_drift_pct"] == pytest.approx(100 * 60 / 1001)
+    assert d["rss_total_slope_mib_per_hour"] == pytest.approx(60.0)
+    assert clean["verdict"]["rss_drift_target_met"] is False
+    assert "1000" in stress_table(clean) or "1001" in stress_table(clean)
+    assert stress_plot(clean, tmp_path / "s.png").stat().st_size > 10_000
+
+    leaked = _result([_checkpoint(0, 1000), _checkpoint(60, 1000, pages=90.0)])
+    assert not leaked["verdict"]["passed"] and "head pages in use=90.0" in leaked["verdict"]["problems"][0]
+    busy = _result([_checkpoint(0, 1000), _checkpoint(60, 1000, idle=False)])
+    assert not busy["verdict"]["passed"]
+    for bad in (_result([_checkpoint(0, 1000)], failed=1), _result([_checkpoint(0, 1000)], http_5xx=1),
+                _result([_checkpoint(0, 1000)], alive=False)):
+        assert not bad["verdict"]["passed"]
+    assert _result([_checkpoint(0, 1000)], preemptions=0)["verdict"]["notes"]
+    assert "fewer than two" in _result([_checkpoint(0, 1000)])["drift"]["note"]
+
+
+def test_bad_options_are_named(capsys):
+    for argv, words in ((["--mix", "1,2"], "--mix"), (["--mix", "1,a,1,1"], "--mix"), (["--mix", "0,0,0,0"], "--mix"),
+                        (["--pool-fits", "0.5"], "--pool-fits"), (["--method", "full"], "--method"),
+                        (["--requests", "0"], "--requests"), (["--max-model-len", "100"], "--max-model-len")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert words in capsys.readouterr().err
+    assert parse_args(["--mix", "1,0,0,1"]).mix_weights == Mix(1, 0, 0, 1)
+
+
+@pytest.mark.slow
+def test_short_stress_run_leaks_nothing(model_dir, tmp_path):
+    """A few dozen requests of every kind against a real HEADKV server whose pool forces
+    preemption: every request completed, was cancelled or was rejected 4xx, and the
+    server was idle with no head page in use after each round."""
+    rc = main(["--model", str(model_dir), "--requests", "48", "--round-size", "24", "--concurrency", "24",
+               "--max-model-len", "1024", "--pool-fits", "1.0", "--warmup-minutes", "0", "--sample-s", "1",
+               "--out", str(tmp_path), "--name", "short"])
+    result = json.loads((tmp_path / "short.json").read_text())
+    s = result["summary"]
+    assert rc == 0, result["verdict"]
+    assert s["requests"] == 48 and s["http_5xx"] == 0 and s["outcomes"].get("failed", 0) == 0
+    assert set(s["by_kind"]) == set(KINDS)
+    assert s["outcomes"]["cancelled"] > 0 and s["outcomes"]["rejected"] > 0 and s["outcomes"]["completed"] > 0
+    assert len(result["checkpoints"]) == 3
+    assert all(c["idle"] and c["pages_in_use"] == 0 for c in result["checkpoints"])
+    assert s["preemptions"] > 0, "the 1-request pool should have forced preemption"
+    assert result["samples"] and max(x.get("pages_in_use") or 0 for x in result["samples"]) > 0
+    assert all(x["rss_mib"]["worker"] > 0 and x["rss_mib"]["engine_core"] > 0 for x in result["samples"])
+    assert (tmp_path / "short.png").exists() and "| completed |" in (tmp_path / "short.md").read_text()
