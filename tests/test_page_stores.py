@@ -119,6 +119,20 @@ def test_block_table_and_cpu_stores_agree_at_every_step():
                                        msg=f"step {s} layer {layer}")
 
 
+def test_cpu_store_positions_cache_is_bounded(monkeypatch):
+    """Page positions are cached per (prompt length, KV size), least recently used
+    dropped beyond the bound; evicting them every step changes nothing."""
+    steps = 6
+    full = run(CpuPageStore(torch.float32, BS, D, HQ, HKV), Scenario(REQUESTS), steps)
+    monkeypatch.setattr(CpuPageStore, "MAX_CACHED_POSITIONS", 1)
+    small = CpuPageStore(torch.float32, BS, D, HQ, HKV)
+    tight = run(small, Scenario(REQUESTS), steps)
+    assert len(small._by_prompt) == 1 and small._cached == small._by_prompt[next(iter(small._by_prompt))].numel()
+    for s in range(steps):
+        for layer in range(LAYERS):
+            torch.testing.assert_close(tight[s][layer], full[s][layer], atol=0, rtol=0)
+
+
 def test_decode_equals_attention_over_the_kept_tokens():
     """The block-table store's decode output equals plain softmax attention over each
     head's kept tokens, found independently by scoring the prompt (window scores +

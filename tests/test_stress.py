@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from headkv_vllm.tools.stress import main, parse_args, stress_table, verdict
-from headkv_vllm.tools.stress_client import _judge_completion, _judge_rejection
+from headkv_vllm.tools.stress import ABORT_LINE, PREFILL_LINE, engine_request_ids, main, parse_args, stress_table, verdict
+from headkv_vllm.tools.stress_client import _judge_completion, _judge_rejection, chunk_tokens, parse_chunk
 from headkv_vllm.tools.stress_watch import drift
 from headkv_vllm.tools.stress_workload import KINDS, Job, Mix, make_jobs
 
@@ -38,6 +38,13 @@ def test_jobs_are_seeded_and_mix_every_kind():
     assert [j.index for j in jobs(5, first_index=40)] == [40, 41, 42, 43, 44]
 
 
+def test_stock_jobs_are_the_same_without_kv_sizes():
+    with_sizes, stock = jobs(seed=3), jobs(seed=3, kv_sizes=False)
+    assert all(j.kv_size is None and "vllm_xargs" not in (j.body or {}) for j in stock if j.kind != "malformed")
+    assert [(j.kind, (j.body or {}).get("prompt")) for j in stock] == [(j.kind, (j.body or {}).get("prompt"))
+                                                                       for j in with_sizes]
+
+
 def test_mix_weights_choose_the_kinds():
     only = jobs(50, mix=Mix(complete=0, chat=0, disconnect=0, malformed=1))
     assert {j.kind for j in only} == {"malformed"}
@@ -59,13 +66,39 @@ def test_answers_are_judged():
         assert (out.get("outcome") == "rejected") == ok, (status, text)
 
 
-def _result(checkpoints, failed=0, http_5xx=0, alive=True, preemptions=3):
+def test_stream_chunks_count_tokens():
+    assert parse_chunk("data: [DONE]") is None and parse_chunk(": keep-alive") is None
+    completion = parse_chunk('data: {"choices": [{"index": 0, "text": " the", "finish_reason": null}]}')
+    assert chunk_tokens(completion, 3) == 4
+    role = {"choices": [{"delta": {"role": "assistant", "content": ""}}], "usage": {"completion_tokens": 0}}
+    assert chunk_tokens(role, 0) == 0
+    # a busy server merges tokens into one chunk; its running usage says how many
+    merged = {"choices": [{"delta": {"content": " a b c"}}], "usage": {"completion_tokens": 7}}
+    assert chunk_tokens(merged, 4) == 7
+    assert chunk_tokens({"choices": [], "usage": {"completion_tokens": 9}}, 7) == 9
+
+
+def test_request_ids_from_the_server_log():
+    """The engine log's lines as vLLM 0.32 and HEADKV write them (ids: ours inside vLLM's)."""
+    log = "\n".join([
+        "(EngineCore pid=1) INFO 12-02 13:01:02 [step_planner.py:105] HeadKV request cmpl-stress-2-complete-0-9410326f: "
+        "prompt 900 tokens, kept 130.0 per KV head on average over all layers (14.4%).",
+        "INFO 12-02 13:01:03 [async_llm.py:922] Aborted request(s) cmpl-stress-17-disconnect-0-1a2b3c4d.",
+        "INFO 12-02 13:01:03 [async_llm.py:922] Aborted request(s) chatcmpl-stress-23-chat-abcdef01,cmpl-stress-5-disconnect-0-00000000.",
+        "INFO 12-02 13:01:04 [async_llm.py:922] Aborted request(s) cmpl-stress-probe-3-0-1234abcd.",
+    ])
+    assert engine_request_ids(log, PREFILL_LINE) == {"stress-2"}
+    assert engine_request_ids(log, ABORT_LINE) == {"stress-17", "stress-23", "stress-5"}
+
+
+def _result(checkpoints, failed=0, http_5xx=0, alive=True, preemptions=3, finished=10, not_aborted=0, log_errors=()):
     summary = {"outcomes": {"completed": 10, "failed": failed}, "http_5xx": http_5xx, "preemptions": preemptions,
                "failures": [{"detail": "HTTP 500"}] * failed, "requests": 10 + failed, "duration_s": 60.0,
                "requests_per_s": 0.2, "cancelled_before_first_token": 0, "cancelled_after_prefill_began": 0,
-               "cancelled_mid_decode": 0, "malformed": {"unknown model": {"404": 2}}}
+               "cancelled_mid_decode": 0, "malformed": {"unknown model": {"404": 2}}, "engine_finished": finished,
+               "cancelled_not_aborted": not_aborted, "server_log_error_lines": log_errors}
     result = {"summary": summary, "checkpoints": checkpoints, "server_alive_at_end": alive,
-              "drift": drift(checkpoints, 60), "settings": {"concurrency": 4}, "kv_cache_bytes": 2**24,
+              "drift": drift(checkpoints, 60), "settings": {"concurrency": 4, "headkv": {"kv_size": 128}}, "kv_cache_bytes": 2**24,
               "model": "m", "samples": [{"t": c["t"], "rss_mib": c["rss_mib"], "pages_in_use": 5.0, "running": 1.0,
                                          "waiting": 0.0} for c in checkpoints], "server": {}}
     result["verdict"] = verdict(result)
@@ -74,7 +107,7 @@ def _result(checkpoints, failed=0, http_5xx=0, alive=True, preemptions=3):
 
 def _checkpoint(t, rss, pages=0.0, idle=True):
     return {"t": t, "round": int(t // 60), "idle": idle, "running": 0.0 if idle else 2.0, "waiting": 0.0,
-            "kv_usage": pages / 1000, "pages_in_use": pages, "preemptions": 3.0,
+            "kv_usage": pages / 1000, "pages_in_use": pages, "preemptions": 3.0, "probe_status": 200, "error": None,
             "rss_mib": {"total": rss, "worker": rss / 2, "engine_core": rss / 4, "api_server": rss / 4}}
 
 
@@ -98,13 +131,17 @@ def test_verdict_and_drift(tmp_path):
     for bad in (_result([_checkpoint(0, 1000)], failed=1), _result([_checkpoint(0, 1000)], http_5xx=1),
                 _result([_checkpoint(0, 1000)], alive=False)):
         assert not bad["verdict"]["passed"]
+    # 10 completed: the engine must have finished 10 (+ cancelled ones that finished anyway)
+    assert not _result([_checkpoint(0, 1000)], finished=9)["verdict"]["passed"]
+    assert not _result([_checkpoint(0, 1000)], finished=11)["verdict"]["passed"]  # no cancelled request to explain it
+    assert not _result([_checkpoint(0, 1000)], log_errors=["ERROR boom"])["verdict"]["passed"]
     assert _result([_checkpoint(0, 1000)], preemptions=0)["verdict"]["notes"]
     assert "fewer than two" in _result([_checkpoint(0, 1000)])["drift"]["note"]
 
 
 def test_bad_options_are_named(capsys):
     for argv, words in ((["--mix", "1,2"], "--mix"), (["--mix", "1,a,1,1"], "--mix"), (["--mix", "0,0,0,0"], "--mix"),
-                        (["--pool-fits", "0.5"], "--pool-fits"), (["--method", "full"], "--method"),
+                        (["--pool-fits", "0.5"], "--pool-fits"), (["--method", "stock"], "--method"),
                         (["--requests", "0"], "--requests"), (["--max-model-len", "100"], "--max-model-len")):
         with pytest.raises(SystemExit):
             parse_args(argv)
@@ -130,5 +167,6 @@ def test_short_stress_run_leaks_nothing(model_dir, tmp_path):
     assert all(c["idle"] and c["pages_in_use"] == 0 for c in result["checkpoints"])
     assert s["preemptions"] > 0, "the 1-request pool should have forced preemption"
     assert result["samples"] and max(x.get("pages_in_use") or 0 for x in result["samples"]) > 0
-    assert all(x["rss_mib"]["worker"] > 0 and x["rss_mib"]["engine_core"] > 0 for x in result["samples"])
+    assert all(x["rss_mib"]["engine_core"] > 0 and x["rss_mib"]["total"] > 1000 for x in result["samples"])
+    assert s["cancelled_aborted_by_engine"] > 0 and s["server_log_error_lines"] == []
     assert (tmp_path / "short.png").exists() and "| completed |" in (tmp_path / "short.md").read_text()

@@ -96,20 +96,21 @@ class CpuPageStore:
             self._positions = (key, pos.clamp_(max=row_width - 1))
         return self._positions[1]
 
-    MAX_CACHED_POSITIONS = 1 << 26  # int32 entries (256 MB) before the cache restarts
+    # int32 entries (16 MB) the cache holds, least recently used dropped beyond. Mixed
+    # prompt lengths make thousands of keys; a larger bound only grew the worker's memory.
+    MAX_CACHED_POSITIONS = 1 << 22
 
     def _positions_of(self, key: tuple, row: int, plan: StepPlan, reach: int) -> torch.Tensor:
         """[L, Hkv, >= reach] int32 positions of a request with this (prompt length, KV size) (cached)."""
-        pos = self._by_prompt.get(key)
+        pos = self._by_prompt.pop(key, None)
         if pos is None or pos.shape[2] < reach:
             if pos is not None:
                 self._cached -= pos.numel()
-            if self._cached > self.MAX_CACHED_POSITIONS:
-                self._by_prompt.clear()
-                self._cached = 0
             pos = page_positions(plan.kept_host[:, row].long(), self.block_size, reach).to(torch.int32)
-            self._by_prompt[key] = pos
             self._cached += pos.numel()
+            while self._by_prompt and self._cached > self.MAX_CACHED_POSITIONS:
+                self._cached -= self._by_prompt.pop(next(iter(self._by_prompt))).numel()
+        self._by_prompt[key] = pos  # (re)inserted last: the most recently used
         return pos
 
     def _sequences(self, lengths: torch.Tensor, head_blocks: torch.Tensor) -> HeadSequences:

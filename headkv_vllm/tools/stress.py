@@ -45,7 +45,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="local model folder (served as is)")
     p.add_argument("--method", default="headkv-r2", help="the server's HEADKV method: "
-                   + ", ".join(m for m in METHODS if m != FULL))
+                   + ", ".join(m for m in METHODS if m != FULL)
+                   + "; or full: stock vLLM, no per-request KV sizes (the same workload otherwise, to compare memory)")
     p.add_argument("--kv-size", type=int, default=128, help="the server's KV size (requests may choose their own)")
     p.add_argument("--requests", type=int, default=1000, help="stop after this many requests (default 1000)")
     p.add_argument("--minutes", type=float, default=120.0,
@@ -66,8 +67,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--name", default="stress", help="file stem of the outputs")
     p.add_argument("--out", default="results/stress", help="output folder")
     args = p.parse_args(argv)
-    if args.method not in METHODS or args.method == FULL:
-        p.error(f"--method: {args.method!r} is not a HEADKV method; use one of {', '.join(m for m in METHODS if m != FULL)}.")
+    if args.method not in METHODS:
+        p.error(f"--method: {args.method!r} is not a method; use one of {', '.join(METHODS)}.")
     from headkv_vllm.tools.stress_workload import Mix
 
     try:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from headkv_vllm.method.config import HeadKVConfig
 
-    window = HeadKVConfig.from_mapping(method.headkv).window
+    window = HeadKVConfig.from_mapping(method.headkv or {}).window
     result = run(args, model, method, window, "headkv-vllm stress " + shlex.join(argv))
     out = Path(args.out)
     from headkv_vllm.tools.plots import stress_plot
@@ -134,8 +135,9 @@ def run(args: argparse.Namespace, model, method, window: int, command: str) -> d
     ids = AutoTokenizer.from_pretrained(args.model)(text)["input_ids"]
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     kv_bytes = pool_bytes(model, args.max_model_len, args.pool_fits)
+    # vLLM logs each abort ("Aborted request(s) ..."): the check that disconnects reach the engine.
     config = ServerConfig(model=args.model, headkv=method.headkv, max_model_len=args.max_model_len,
-                          kv_cache_memory_bytes=kv_bytes)
+                          kv_cache_memory_bytes=kv_bytes, extra_args=("--enable-log-requests", "--max-log-len", "16"))
     result = {"format": FORMAT, "command": command, "machine": machine_info(), "model": Path(args.model).name,
               "settings": {k: v for k, v in vars(args).items() if k != "mix_weights"} | {"headkv": _portable(method.headkv)},
               "kv_cache_bytes": kv_bytes}
@@ -146,7 +148,8 @@ def run(args: argparse.Namespace, model, method, window: int, command: str) -> d
         with Sampler(server, args.sample_s) as sampler:
             jobs_args = {"model": args.model, "haystack_ids": ids, "haystack_text": text,
                          "max_model_len": args.max_model_len, "vocab_size": vocab, "window": window,
-                         "mix": args.mix_weights, "max_output": args.max_output}
+                         "mix": args.mix_weights, "max_output": args.max_output,
+                         "kv_sizes": method.headkv is not None}
             started = time.monotonic()
             outcomes, checkpoints = asyncio.run(drive(server, sampler, args, jobs_args))
             duration = time.monotonic() - started
@@ -203,36 +206,60 @@ async def idle_checkpoint(server, sampler, requests_done: int, round_no: int, ti
     """Wait until the server has nothing running or waiting, then read its gauges and RSS.
 
     vLLM publishes its gauges at engine steps, and an aborted request is freed outside
-    one: a one-token probe request makes a step, so the gauges read after it are current."""
+    one: a one-token probe request makes a step, so the gauges read after its answer
+    are current. A probe or a /metrics read that fails is retried until the timeout,
+    and the checkpoint then records the last error (it is not idle)."""
     import httpx
 
     from headkv_vllm.tools.stress_watch import gauges, server_rss_mib
 
     end = time.monotonic() + timeout_s
-    probes, g = 0, {}
+    probes, g, status, error = 0, {}, None, None
     async with httpx.AsyncClient(timeout=120) as client:
-        while time.monotonic() < end:
-            r = await client.post(f"{server.base_url}/v1/completions", json={
-                "model": server.config.model, "prompt": "Checkpoint.", "max_tokens": 1,
-                "request_id": f"stress-probe-{round_no}-{probes}"})
-            probes += 1
-            g = await asyncio.to_thread(gauges, server)
-            if r.status_code == 200 and g["running"] == 0 and g["waiting"] == 0:
-                break
+        while time.monotonic() < end and server.proc.poll() is None:
+            try:
+                r = await client.post(f"{server.base_url}/v1/completions", json={
+                    "model": server.config.model, "prompt": "Checkpoint.", "max_tokens": 1,
+                    "request_id": f"stress-probe-{round_no}-{probes}"})
+                probes, status = probes + 1, r.status_code
+                g, error = await asyncio.to_thread(gauges, server), None
+                if status == 200 and g["running"] == 0 and g["waiting"] == 0:
+                    break
+            except Exception as e:  # noqa: BLE001 - recorded in the checkpoint, which then is not idle
+                error = f"{type(e).__name__}: {e}"[:300]
             await asyncio.sleep(1.0)
-    idle = bool(g) and g["running"] == 0 and g["waiting"] == 0
+    idle = error is None and status == 200 and bool(g) and g["running"] == 0 and g["waiting"] == 0
     return {"t": round(time.monotonic() - sampler.t0, 2), "round": round_no, "requests_done": requests_done,
-            "idle": idle, "probes": probes, **g, "rss_mib": server_rss_mib(server.proc.pid)}
+            "idle": idle, "probes": probes, "probe_status": status, "error": error, **g,
+            "rss_mib": server_rss_mib(server.proc.pid)}
+
+
+def engine_request_ids(log: str, pattern: str) -> set[str]:
+    """``stress-N`` of the requests named by the server log's lines matching ``pattern``
+    (one group: the request ids, comma-separated). vLLM's ids are ``cmpl-<ours>-0-<hex>``
+    and ``chatcmpl-<ours>-<hex>``, ours being ``stress-N-<kind>``."""
+    return {m for ids in re.findall(pattern, log) for m in re.findall(r"\b(stress-\d+)-[a-z]", ids)}
+
+
+PREFILL_LINE = r"HeadKV request (\S+): prompt"
+ABORT_LINE = r"Aborted request\(s\) (\S+)\."
 
 
 def summarize(outcomes: list[dict], checkpoints: list[dict], log: str, duration_s: float) -> dict:
-    prefilled = set(re.findall(r"HeadKV request \S*?(stress-\d+)-", log))
+    prefilled = engine_request_ids(log, PREFILL_LINE)
+    aborted = engine_request_ids(log, ABORT_LINE)
     by_kind: dict[str, Counter] = {}
     for o in outcomes:
         by_kind.setdefault(o["kind"], Counter())[o["outcome"]] += 1
     cancelled = [o for o in outcomes if o["outcome"] == "cancelled"]
     early = [o for o in cancelled if o["tokens"] == 0]
     statuses = Counter(str(o["status"]) for o in outcomes)
+    # Requests the engine finished (vLLM's success counter; aborts are not counted), less
+    # the probes: the completed ones, and cancelled ones whose last token came before the
+    # disconnect did. Every cancelled request must be aborted or finished.
+    finished = ((checkpoints[-1].get("successes") or 0) - (checkpoints[0].get("successes") or 0)
+                - sum(c["probes"] for c in checkpoints[1:]))
+    not_aborted = sum(1 for o in cancelled if f"stress-{o['index']}" not in aborted)
     kv_sizes = Counter(str(o["kv_size"] if o["kv_size"] is not None else "server") for o in outcomes
                        if o["outcome"] == "completed")
     return {
@@ -245,12 +272,16 @@ def summarize(outcomes: list[dict], checkpoints: list[dict], log: str, duration_
         # of those, the ones the engine had prefilled (its log names each compressed prefill)
         "cancelled_after_prefill_began": sum(1 for o in early if f"stress-{o['index']}" in prefilled),
         "cancelled_mid_decode": len(cancelled) - len(early),
+        "cancelled_aborted_by_engine": len(cancelled) - not_aborted,
+        "cancelled_not_aborted": not_aborted,
+        "engine_finished": finished,
         "completed_by_kv_size": dict(sorted(kv_sizes.items())),
         "malformed": _malformed_table(outcomes),
         "output_tokens": sum(o["tokens"] for o in outcomes if o["outcome"] == "completed"),
         "preemptions": max((c.get("preemptions") or 0 for c in checkpoints), default=0)
                        - (checkpoints[0].get("preemptions") or 0 if checkpoints else 0),
         "failures": [o for o in outcomes if o["outcome"] == "failed"][:20],
+        "probe_errors": sum(1 for c in checkpoints if c["probe_status"] != 200),
         "server_log_error_lines": [line for line in log.splitlines() if " ERROR " in line or "Traceback" in line][:20],
     }
 
@@ -271,10 +302,19 @@ def verdict(result: dict) -> dict:
         problems.append(f"{failed} requests failed (first: {s['failures'][0]['detail']})")
     if s["http_5xx"]:
         problems.append(f"{s['http_5xx']} answers were 5xx")
+    completed, cancelled = s["outcomes"].get("completed", 0), s["outcomes"].get("cancelled", 0)
+    if not s["cancelled_not_aborted"] <= s["engine_finished"] - completed <= cancelled:
+        problems.append(f"the engine finished {s['engine_finished']} requests for {completed} completed and "
+                        f"{cancelled} cancelled ({s['cancelled_not_aborted']} of them not aborted): some "
+                        f"cancelled requests were neither aborted nor finished, or requests finished twice")
+    if s["server_log_error_lines"]:
+        problems.append(f"the server logged errors, first: {s['server_log_error_lines'][0][:200]}")
     for c in result["checkpoints"]:
-        if not c["idle"] or c["pages_in_use"] != 0 or c["kv_usage"] != 0:
+        pages = c.get("pages_in_use") if result["settings"]["headkv"] else 0  # stock: no head pages
+        if not c["idle"] or pages != 0 or c.get("kv_usage") != 0:
             problems.append(f"checkpoint after round {c['round']}: idle={c['idle']} running={c.get('running')} "
-                            f"waiting={c.get('waiting')} head pages in use={c.get('pages_in_use')}")
+                            f"waiting={c.get('waiting')} head pages in use={c.get('pages_in_use')} "
+                            f"probe HTTP {c['probe_status']}" + (f", error {c['error']}" if c["error"] else ""))
     if not result["server_alive_at_end"]:
         problems.append("the server process was gone at the end")
     notes = []

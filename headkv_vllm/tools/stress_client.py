@@ -51,7 +51,7 @@ async def _whole(client: httpx.AsyncClient, base_url: str, job: Job, out: dict) 
 
 
 async def _streamed(client: httpx.AsyncClient, base_url: str, job: Job, out: dict) -> None:
-    finish, usage_tokens = None, None
+    finish = None
     async with client.stream("POST", base_url + job.path, json=job.body) as r:
         out["status"] = r.status_code
         if r.status_code != 200:
@@ -63,43 +63,52 @@ async def _streamed(client: httpx.AsyncClient, base_url: str, job: Job, out: dic
             try:
                 async with asyncio.timeout(job.delay_s):
                     async for line in lines:
-                        if _chunk_tokens(line):
-                            out["tokens"] = 1
+                        chunk = parse_chunk(line)
+                        if chunk is None:
+                            continue
+                        if "error" in chunk:
+                            out["detail"] = f"error in stream: {str(chunk['error'])[:200]}"
+                            return
+                        if chunk_tokens(chunk, 0):
+                            out["tokens"] = chunk_tokens(chunk, 0)
                             break
+                    else:
+                        out["detail"] = "the stream ended before its first token"
+                        return
             except TimeoutError:
                 pass
             out["outcome"] = "cancelled"
             return  # leaving the block closes the connection: the server aborts the request
         async for line in lines:
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            chunk = parse_chunk(line)
+            if chunk is None:
                 continue
-            chunk = json.loads(line[6:])
             if "error" in chunk:
                 out["detail"] = f"error in stream: {str(chunk['error'])[:200]}"
                 return
-            if chunk.get("usage"):
-                usage_tokens = chunk["usage"]["completion_tokens"]
+            out["tokens"] = chunk_tokens(chunk, out["tokens"])
             for choice in chunk.get("choices") or ():
-                out["tokens"] += 1 if _has_token(choice) else 0
                 finish = choice.get("finish_reason") or finish
             if job.kind == "disconnect" and out["tokens"] >= job.after_tokens:
                 out["outcome"] = "cancelled"
                 return
-    _judge_completion(job, usage_tokens if usage_tokens is not None else out["tokens"], finish, out)
+    _judge_completion(job, out["tokens"], finish, out)
 
 
-def _has_token(choice: dict) -> bool:
-    if "text" in choice:
-        return bool(choice["text"]) or choice.get("finish_reason") is None
-    delta = choice.get("delta") or {}
-    return "content" in delta and delta.get("role") is None or bool(delta.get("content"))
-
-
-def _chunk_tokens(line: str) -> bool:
+def parse_chunk(line: str) -> dict | None:
+    """One server-sent event's JSON, or None for other lines and the final [DONE]."""
     if not line.startswith("data: ") or line == "data: [DONE]":
-        return False
-    chunk = json.loads(line[6:])
-    return any(_has_token(c) for c in chunk.get("choices") or ())
+        return None
+    return json.loads(line[6:])
+
+
+def chunk_tokens(chunk: dict, so_far: int) -> int:
+    """Tokens generated so far: the chunk's usage (``continuous_usage_stats``: a busy
+    server may put several tokens in one chunk), else one more per chunk with content."""
+    if chunk.get("usage"):
+        return max(so_far, chunk["usage"]["completion_tokens"])
+    choices = chunk.get("choices") or ()
+    return so_far + sum(1 for c in choices if c.get("text") or (c.get("delta") or {}).get("content"))
 
 
 def _judge_completion(job: Job, tokens: int, finish: str | None, out: dict) -> None:

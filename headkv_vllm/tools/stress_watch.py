@@ -44,7 +44,8 @@ def server_rss_mib(pid: int) -> dict[str, float]:
 
 def gauges(server, timeout_s: float = 30) -> dict[str, float | None]:
     values = server.metrics(timeout_s)
-    return {k: values.get(name) for k, name in GAUGES.items()} | {"preemptions": values.get("vllm:num_preemptions_total")}
+    return {k: values.get(name) for k, name in GAUGES.items()} | {"preemptions": values.get("vllm:num_preemptions_total"),
+                                                         "successes": values.get("vllm:request_success_total")}
 
 
 class Sampler:

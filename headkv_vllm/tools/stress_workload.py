@@ -77,10 +77,12 @@ def malformed_cases(model: str, prompt: list[int], max_model_len: int, vocab_siz
 
 
 def make_jobs(n: int, seed: int, *, model: str, haystack_ids: list[int], haystack_text: str, max_model_len: int,
-              vocab_size: int, window: int, mix: Mix = Mix(), max_output: int = 64, first_index: int = 0) -> list[Job]:
-    """``n`` jobs from ``seed`` (the same seed and arguments give the same jobs)."""
+              vocab_size: int, window: int, mix: Mix = Mix(), max_output: int = 64, first_index: int = 0,
+              kv_sizes: bool = True) -> list[Job]:
+    """``n`` jobs from ``seed`` (the same seed and arguments give the same jobs).
+    ``kv_sizes`` False: no per-request KV sizes (stock vLLM), the rest unchanged."""
     rng = random.Random(seed)
-    max_prompt = min(LENGTH_BUCKETS[-1][1], max_model_len - max_output - 8)
+    max_prompt = min(LENGTH_BUCKETS[-1][1], max_model_len - max(max_output, 8) - 8)
     jobs = []
     for i in range(first_index, first_index + n):
         kind = rng.choices(KINDS, weights=mix.weights())[0]
@@ -88,7 +90,9 @@ def make_jobs(n: int, seed: int, *, model: str, haystack_ids: list[int], haystac
         start = rng.randrange(0, len(haystack_ids) - length)
         prompt = haystack_ids[start : start + length]
         max_tokens = rng.randint(1, max_output)
-        kv_size = rng.choice(KV_SIZE_CHOICES)
+        kv_size = rng.choice(KV_SIZE_CHOICES)  # drawn either way, so the jobs are otherwise the same
+        if not kv_sizes:
+            kv_size = None
         common = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
         if kv_size is not None:
             common["vllm_xargs"] = {"headkv_kv_size": kv_size}
@@ -97,7 +101,7 @@ def make_jobs(n: int, seed: int, *, model: str, haystack_ids: list[int], haystac
             raw = body if isinstance(body, bytes) else None
             jobs.append(Job(i, kind, path, None if raw else body, raw=raw, malformed=what, field=field))
         elif kind == "chat":
-            chars = rng.randint(60, 3000)
+            chars = rng.randint(60, min(3000, 2 * max_prompt))  # ~4 characters a token: at most ~half the prompt room
             at = rng.randrange(0, len(haystack_text) - chars)
             text = haystack_text[at : at + chars] + "\n\nSummarize the text above in one sentence."
             stream = rng.random() < 0.5
@@ -120,5 +124,6 @@ def make_jobs(n: int, seed: int, *, model: str, haystack_ids: list[int], haystac
         if jobs[-1].body is not None and kind != "malformed":
             jobs[-1].body["request_id"] = jobs[-1].request_id
             if stream:
-                jobs[-1].body["stream_options"] = {"include_usage": True}
+                # usage in every chunk: a busy server merges tokens into one chunk
+                jobs[-1].body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     return jobs
