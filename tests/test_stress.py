@@ -124,6 +124,15 @@ def test_verdict_and_drift(tmp_path):
     assert "1000" in stress_table(clean) or "1001" in stress_table(clean)
     assert stress_plot(clean, tmp_path / "s.png").stat().st_size > 10_000
 
+    # --render recomputes drift and verdict of a stored result and redraws it
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({**clean, "format": "headkv-stress/1"}))
+    assert main(["--render", str(path), "--warmup-minutes", "0"]) == 0
+    assert json.loads(path.read_text())["drift"]["checkpoints_after_warmup"] == 5
+    assert (tmp_path / "r.png").exists() and (tmp_path / "r.md").exists()
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["--render", str(tmp_path / "bad.json")]) == 2
+
     leaked = _result([_checkpoint(0, 1000), _checkpoint(60, 1000, pages=90.0)])
     assert not leaked["verdict"]["passed"] and "head pages in use=90.0" in leaked["verdict"]["problems"][0]
     busy = _result([_checkpoint(0, 1000), _checkpoint(60, 1000, idle=False)])

@@ -64,6 +64,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sample-s", type=float, default=2.0, help="RSS and gauge sampling interval (default 2 s)")
     p.add_argument("--request-timeout", type=float, default=900.0, help="seconds before a request counts as failed")
     p.add_argument("--seed", type=int, default=0, help="workload seed")
+    p.add_argument("--render", metavar="JSON", help="no run: recompute drift (with --warmup-minutes) and verdict of "
+                   "a result file, and rewrite it with its table and plot")
     p.add_argument("--name", default="stress", help="file stem of the outputs")
     p.add_argument("--out", default="results/stress", help="output folder")
     args = p.parse_args(argv)
@@ -93,6 +95,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.render:
+        return render(Path(args.render), 60 * args.warmup_minutes if "--warmup-minutes" in argv else None)
     try:
         model = model_identity(args.model)
         method = build_methods([args.method], [args.kv_size], model, {})[0]
@@ -103,15 +107,36 @@ def main(argv: list[str] | None = None) -> int:
 
     window = HeadKVConfig.from_mapping(method.headkv or {}).window
     result = run(args, model, method, window, "headkv-vllm stress " + shlex.join(argv))
-    out = Path(args.out)
+    return write_outputs(result, Path(args.out) / f"{args.name}.json")
+
+
+def write_outputs(result: dict, json_path: Path) -> int:
     from headkv_vllm.tools.plots import stress_plot
 
+    json_path.write_text(json.dumps(result, indent=1))
     table = stress_table(result)
-    (out / f"{args.name}.md").write_text(table + "\n")
-    png = stress_plot(result, out / f"{args.name}.png")
+    json_path.with_suffix(".md").write_text(table + "\n")
+    png = stress_plot(result, json_path.with_suffix(".png"))
     print(table)
-    print(f"wrote {out / f'{args.name}.json'}, {out / f'{args.name}.md'}, {png}")
+    print(f"wrote {json_path}, {json_path.with_suffix('.md')}, {png}")
     return 0 if result["verdict"]["passed"] else 1
+
+
+def render(json_path: Path, warmup_s: float | None) -> int:
+    """Drift and verdict of a stored result recomputed (the measurements are kept)."""
+    from headkv_vllm.tools.stress_watch import drift
+
+    try:
+        result = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"headkv-vllm stress: error: --render {json_path}: {e}", file=sys.stderr)
+        return 2
+    if result.get("format") != FORMAT:
+        print(f"headkv-vllm stress: error: --render {json_path}: not a {FORMAT} result", file=sys.stderr)
+        return 2
+    result["drift"] = drift(result["checkpoints"], result["drift"]["warmup_s"] if warmup_s is None else warmup_s)
+    result["verdict"] = verdict(result)
+    return write_outputs(result, json_path)
 
 
 def pool_bytes(model, max_model_len: int, fits: float) -> int:
@@ -161,7 +186,6 @@ def run(args: argparse.Namespace, model, method, window: int, command: str) -> d
     result["drift"] = drift(checkpoints, 60 * args.warmup_minutes)
     result["verdict"] = verdict(result)
     result["outcomes"] = outcomes
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -333,6 +357,7 @@ def stress_table(result: dict) -> str:
     o = s["outcomes"]
     pct = lambda x: "-" if x is None else f"{x:+.2f}%"
     mib = lambda k: "-" if k not in d else f"{d[k]:.0f}"
+    num = lambda v: "-" if v is None else f"{v:.0f}"
     last = result["checkpoints"][-1]
     lines = [
         f"{s['requests']} requests in {s['duration_s'] / 60:.1f} min ({s['requests_per_s']:.2f}/s), "
@@ -343,7 +368,8 @@ def stress_table(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
         f"| {o.get('completed', 0)} | {s['cancelled_before_first_token']} ({s['cancelled_after_prefill_began']}) / "
         f"{s['cancelled_mid_decode']} | {o.get('rejected', 0)} | {o.get('failed', 0)} | {s['http_5xx']} | "
-        f"{s['preemptions']:.0f} | {d['pages_in_use_at_idle_max']} | {last.get('running')} / {last.get('waiting')} |",
+        f"{s['preemptions']:.0f} | {num(d['pages_in_use_at_idle_max'])} | {num(last.get('running'))} / "
+        f"{num(last.get('waiting'))} |",
         "", f"Server RSS at idle checkpoints after {d['warmup_s'] / 60:.0f} min of warm-up "
             f"({d['checkpoints_after_warmup']} checkpoints, target drift under {RSS_DRIFT_TARGET_PCT:.0f}%):", "",
         "| process | first (MiB) | last (MiB) | drift | slope (MiB/h) |", "|---|---|---|---|---|",

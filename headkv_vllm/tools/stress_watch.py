@@ -84,7 +84,9 @@ def drift(checkpoints: list[dict], warmup_s: float) -> dict:
     (percent of the first) and the least-squares slope (MiB per hour)."""
     after = [c for c in checkpoints if c["t"] >= warmup_s]
     out: dict = {"warmup_s": warmup_s, "checkpoints_after_warmup": len(after),
-                 "pages_in_use_at_idle_max": max((c["pages_in_use"] or 0 for c in checkpoints), default=None)}
+                 # None where the server publishes no head pages (stock vLLM)
+                 "pages_in_use_at_idle_max": max((c["pages_in_use"] for c in checkpoints
+                                                  if c.get("pages_in_use") is not None), default=None)}
     if len(after) < 2:
         out["note"] = "fewer than two idle checkpoints after the warm-up: no drift"
         return out
