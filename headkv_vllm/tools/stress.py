@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import re
 import shlex
 import sys
@@ -140,8 +141,9 @@ def render(json_path: Path, warmup_s: float | None) -> int:
 
 
 def pool_bytes(model, max_model_len: int, fits: float) -> int:
-    pages = model.num_layers * model.num_kv_heads * -(-max_model_len // BLOCK)
-    return int(fits * pages * 2 * BLOCK * model.head_dim * DTYPE_BYTES)
+    """KV-cache bytes for ``fits`` uncompressed max-length requests, plus vLLM's null page."""
+    pages = math.ceil(fits * model.num_layers * model.num_kv_heads * -(-max_model_len // BLOCK)) + 1
+    return pages * 2 * BLOCK * model.head_dim * DTYPE_BYTES
 
 
 def run(args: argparse.Namespace, model, method, window: int, command: str) -> dict:
