@@ -70,10 +70,7 @@ def needle_summary_plot(result: dict, length_range: tuple[int, int], path: Path)
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     ax.set_title(f"Needle in a haystack, {result['model']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def bench_plot(result: dict, path: Path) -> Path:
@@ -107,10 +104,7 @@ def bench_plot(result: dict, path: Path) -> Path:
     fig.suptitle(f"{result['model']}: {w['num_requests']} requests, {w['prompt_tokens'][0]}-{w['prompt_tokens'][1]} "
                  f"prompt + {w['output_tokens']} output tokens, KV cache {result['kv_cache_bytes'] / 2**20:.0f} MiB",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def itl_plot(result: dict, path: Path) -> Path | None:
@@ -136,10 +130,7 @@ def itl_plot(result: dict, path: Path) -> Path | None:
     w = result["workload"]
     ax.set_title(f"{result['model']}: {w['num_requests']} requests, {w['prompt_tokens'][0]}-{w['prompt_tokens'][1]} "
                  f"prompt + {w['output_tokens']} output tokens", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def stress_plot(result: dict, path: Path) -> Path:
@@ -180,6 +171,10 @@ def stress_plot(result: dict, path: Path) -> Path:
     fig.suptitle(f"{result['model']}: {s['requests']} requests, {s['outcomes'].get('cancelled', 0)} cancelled, "
                  f"{s['outcomes'].get('rejected', 0)} malformed rejected, {s['preemptions']:.0f} preemptions",
                  fontsize=10)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

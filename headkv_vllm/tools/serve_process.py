@@ -176,26 +176,15 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return values
 
 
-class GaugeWatcher:
-    """Polls the server's ``/metrics`` in a thread and keeps the maximum of some gauges.
+class Poller:
+    """``with Poller(...)``: calls ``poll()`` every ``interval_s`` in a thread until the block ends."""
 
-    ``samples`` counts answered polls only; failed ones are counted in ``failures`` with the
-    last error kept, so a run whose gauges were never read says so instead of reporting zeros."""
-
-    def __init__(self, server: VllmServer, names: tuple[str, ...], interval_s: float = 0.1,
-                 poll_timeout_s: float = 5.0):
-        # A poll that hangs is abandoned and retried: one stuck request once covered a whole
-        # 24-second run and left a single sample taken before the first request arrived.
-        self.server, self.names, self.interval_s, self.poll_timeout_s = server, names, interval_s, poll_timeout_s
-        self.peak = {n: 0.0 for n in names}
-        self.samples = 0
-        self.failures = 0
-        self.last_error: str | None = None
-        self.load_averages: list[float] = []  # 1-minute load of the machine: other work skews timings
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "GaugeWatcher":
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -205,15 +194,40 @@ class GaugeWatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.load_averages.append(os.getloadavg()[0])
-            try:
-                values = self.server.metrics(self.poll_timeout_s)
-            except Exception as e:  # noqa: BLE001 - the thread must outlive any one bad poll
-                self.failures += 1
-                self.last_error = f"{type(e).__name__}: {e}"[:300]
-            else:
-                for n in self.names:
-                    if n in values:
-                        self.peak[n] = max(self.peak[n], values[n])
-                self.samples += 1
+            self.poll()
             self._stop.wait(self.interval_s)
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+
+class GaugeWatcher(Poller):
+    """Polls the server's ``/metrics`` in a thread and keeps the maximum of some gauges.
+
+    ``samples`` counts answered polls only; failed ones are counted in ``failures`` with the
+    last error kept, so a run whose gauges were never read says so instead of reporting zeros."""
+
+    def __init__(self, server: VllmServer, names: tuple[str, ...], interval_s: float = 0.1,
+                 poll_timeout_s: float = 5.0):
+        # A poll that hangs is abandoned and retried: one stuck request once covered a whole
+        # 24-second run and left a single sample taken before the first request arrived.
+        super().__init__(interval_s)
+        self.server, self.names, self.poll_timeout_s = server, names, poll_timeout_s
+        self.peak = {n: 0.0 for n in names}
+        self.samples = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.load_averages: list[float] = []  # 1-minute load of the machine: other work skews timings
+
+    def poll(self) -> None:
+        self.load_averages.append(os.getloadavg()[0])
+        try:
+            values = self.server.metrics(self.poll_timeout_s)
+        except Exception as e:  # noqa: BLE001 - the thread must outlive any one bad poll
+            self.failures += 1
+            self.last_error = f"{type(e).__name__}: {e}"[:300]
+        else:
+            for n in self.names:
+                if n in values:
+                    self.peak[n] = max(self.peak[n], values[n])
+            self.samples += 1

@@ -57,42 +57,48 @@ async def _streamed(client: httpx.AsyncClient, base_url: str, job: Job, out: dic
         if r.status_code != 200:
             out["detail"] = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
             return
-        lines = r.aiter_lines()
-        if job.kind == "disconnect" and job.after_tokens == 0:
-            # Close before the first token: after the delay, or at once if a token comes sooner.
-            try:
-                async with asyncio.timeout(job.delay_s):
-                    async for line in lines:
-                        chunk = parse_chunk(line)
-                        if chunk is None:
-                            continue
-                        if "error" in chunk:
-                            out["detail"] = f"error in stream: {str(chunk['error'])[:200]}"
+        events = _chunks(r.aiter_lines())
+        try:
+            if job.kind == "disconnect" and job.after_tokens == 0:
+                # Close before the first token: after the delay, or at once if a token comes sooner.
+                try:
+                    async with asyncio.timeout(job.delay_s):
+                        async for chunk in events:
+                            if chunk_tokens(chunk, 0):
+                                out["tokens"] = chunk_tokens(chunk, 0)
+                                break
+                        else:
+                            out["detail"] = "the stream ended before its first token"
                             return
-                        if chunk_tokens(chunk, 0):
-                            out["tokens"] = chunk_tokens(chunk, 0)
-                            break
-                    else:
-                        out["detail"] = "the stream ended before its first token"
-                        return
-            except TimeoutError:
-                pass
-            out["outcome"] = "cancelled"
-            return  # leaving the block closes the connection: the server aborts the request
-        async for line in lines:
-            chunk = parse_chunk(line)
-            if chunk is None:
-                continue
-            if "error" in chunk:
-                out["detail"] = f"error in stream: {str(chunk['error'])[:200]}"
-                return
-            out["tokens"] = chunk_tokens(chunk, out["tokens"])
-            for choice in chunk.get("choices") or ():
-                finish = choice.get("finish_reason") or finish
-            if job.kind == "disconnect" and out["tokens"] >= job.after_tokens:
+                except TimeoutError:
+                    pass
                 out["outcome"] = "cancelled"
-                return
+                return  # leaving the block closes the connection: the server aborts the request
+            async for chunk in events:
+                out["tokens"] = chunk_tokens(chunk, out["tokens"])
+                for choice in chunk.get("choices") or ():
+                    finish = choice.get("finish_reason") or finish
+                if job.kind == "disconnect" and out["tokens"] >= job.after_tokens:
+                    out["outcome"] = "cancelled"
+                    return
+        except StreamError as e:
+            out["detail"] = str(e)
+            return
     _judge_completion(job, out["tokens"], finish, out)
+
+
+class StreamError(RuntimeError):
+    pass
+
+
+async def _chunks(lines):
+    """The stream's JSON chunks; an error chunk raises :class:`StreamError`."""
+    async for line in lines:
+        chunk = parse_chunk(line)
+        if chunk is not None and "error" in chunk:
+            raise StreamError(f"error in stream: {str(chunk['error'])[:200]}")
+        if chunk is not None:
+            yield chunk
 
 
 def parse_chunk(line: str) -> dict | None:

@@ -3,10 +3,11 @@ processes, sampled with its gauges in a thread, and the drift of both over a run
 
 from __future__ import annotations
 
-import threading
 import time
 
 import psutil
+
+from headkv_vllm.tools.serve_process import Poller
 
 GAUGES = {
     "running": "vllm:num_requests_running",
@@ -48,35 +49,24 @@ def gauges(server, timeout_s: float = 30) -> dict[str, float | None]:
                                                          "successes": values.get("vllm:request_success_total")}
 
 
-class Sampler:
+class Sampler(Poller):
     """Every ``interval_s``: RSS always, the gauges when /metrics answers (a busy CPU
     server can take seconds; a failed poll leaves them ``None`` and is counted)."""
 
     def __init__(self, server, interval_s: float = 2.0):
-        self.server, self.interval_s = server, interval_s
+        super().__init__(interval_s)
+        self.server = server
         self.t0 = time.monotonic()
         self.samples: list[dict] = []
         self.failed_polls = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "Sampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            sample = {"t": round(time.monotonic() - self.t0, 2), "rss_mib": server_rss_mib(self.server.proc.pid)}
-            try:
-                sample |= gauges(self.server)
-            except Exception:  # noqa: BLE001 - a sampler must outlive a bad poll
-                self.failed_polls += 1
-            self.samples.append(sample)
-            self._stop.wait(self.interval_s)
+    def poll(self) -> None:
+        sample = {"t": round(time.monotonic() - self.t0, 2), "rss_mib": server_rss_mib(self.server.proc.pid)}
+        try:
+            sample |= gauges(self.server)
+        except Exception:  # noqa: BLE001 - a sampler must outlive a bad poll
+            self.failed_polls += 1
+        self.samples.append(sample)
 
 
 def drift(checkpoints: list[dict], warmup_s: float) -> dict:
