@@ -11,8 +11,10 @@ idle and records a checkpoint: running and waiting requests, head pages in use a
 the RSS of the server's processes. The RSS is also sampled through the run.
 
 It fails (exit 1) if any well-formed request was not answered in full, any malformed
-one was not answered 4xx, any answer was a 5xx, or any checkpoint found pages in use,
-requests running or waiting, or the server gone. Stops by itself: after
+one was not answered 4xx, any answer was a 5xx, any cancelled request was neither
+aborted by the engine (its request log) nor finished, the server logged an error, or
+any checkpoint found pages in use, requests running or waiting, or the server gone.
+``--method full`` runs the same requests on stock vLLM. Stops by itself: after
 ``--requests`` requests or ``--minutes`` minutes, whichever comes first. Writes
 ``<name>.json``, ``<name>.md`` and ``<name>.png``.
 
