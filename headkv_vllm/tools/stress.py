@@ -69,6 +69,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="workload seed")
     p.add_argument("--render", metavar="JSON", help="no run: recompute drift (with --warmup-minutes) and verdict of "
                    "a result file, and rewrite it with its table and plot")
+    p.add_argument("--compare", metavar="JSON", nargs="+", help="no run: plot the server's RSS per process against "
+                   "requests done for these result files (one line each, named by file) to <out>/<name>.png")
     p.add_argument("--name", default="stress", help="file stem of the outputs")
     p.add_argument("--out", default="results/stress", help="output folder")
     args = p.parse_args(argv)
@@ -98,6 +100,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.compare:
+        from headkv_vllm.tools.plots import stress_compare_plot
+
+        results = {Path(f).stem: json.loads(Path(f).read_text()) for f in args.compare}
+        print(f"wrote {stress_compare_plot(results, Path(args.out) / f'{args.name}.png')}")
+        return 0
     if args.render:
         return render(Path(args.render), 60 * args.warmup_minutes if "--warmup-minutes" in argv else None)
     try:
