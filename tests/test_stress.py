@@ -106,7 +106,7 @@ def _result(checkpoints, failed=0, http_5xx=0, alive=True, preemptions=3, finish
 
 
 def _checkpoint(t, rss, pages=0.0, idle=True):
-    return {"t": t, "round": int(t // 60), "idle": idle, "running": 0.0 if idle else 2.0, "waiting": 0.0,
+    return {"t": t, "round": int(t // 60), "requests_done": int(t), "idle": idle, "running": 0.0 if idle else 2.0, "waiting": 0.0,
             "kv_usage": pages / 1000, "pages_in_use": pages, "preemptions": 3.0, "probe_status": 200, "error": None,
             "rss_mib": {"total": rss, "worker": rss / 2, "engine_core": rss / 4, "api_server": rss / 4}}
 
