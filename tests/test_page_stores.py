@@ -133,6 +133,19 @@ def test_cpu_store_positions_cache_is_bounded(monkeypatch):
             torch.testing.assert_close(tight[s][layer], full[s][layer], atol=0, rtol=0)
 
 
+def test_cpu_store_positions_cache_drops_the_least_recently_used(monkeypatch):
+    import types
+
+    store = CpuPageStore(torch.float32, BS, D, HQ, HKV)
+    plan = types.SimpleNamespace(kept_host=torch.full((LAYERS, 3, HKV), 40, dtype=torch.int32))
+    one = store._positions_of((100, None), 0, plan, 4).numel()
+    monkeypatch.setattr(CpuPageStore, "MAX_CACHED_POSITIONS", 2 * one)
+    store._positions_of((200, None), 1, plan, 4)
+    store._positions_of((100, None), 0, plan, 4)  # used again: now the most recent
+    store._positions_of((300, 64), 2, plan, 4)  # over the bound: (200, None) goes
+    assert list(store._by_prompt) == [(100, None), (300, 64)] and store._cached == 2 * one
+
+
 def test_decode_equals_attention_over_the_kept_tokens():
     """The block-table store's decode output equals plain softmax attention over each
     head's kept tokens, found independently by scoring the prompt (window scores +

@@ -7,7 +7,7 @@ import pytest
 
 from headkv_vllm.tools.stress import ABORT_LINE, PREFILL_LINE, engine_request_ids, main, parse_args, stress_table, verdict
 from headkv_vllm.tools.stress_client import _judge_completion, _judge_rejection, chunk_tokens, parse_chunk
-from headkv_vllm.tools.stress_watch import drift
+from headkv_vllm.tools.stress_watch import drift, finished_requests
 from headkv_vllm.tools.stress_workload import KINDS, Job, Mix, make_jobs
 
 IDS = list(range(100, 20100))
@@ -89,6 +89,19 @@ def test_request_ids_from_the_server_log():
     ])
     assert engine_request_ids(log, PREFILL_LINE) == {"stress-2"}
     assert engine_request_ids(log, ABORT_LINE) == {"stress-17", "stress-23", "stress-5"}
+
+
+def test_finished_requests_count_full_answers_only():
+    text = "\n".join([
+        '# TYPE vllm:request_success_total counter',
+        'vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 3.0',
+        'vllm:request_success_total{engine="0",finished_reason="length",model_name="m"} 5.0',
+        'vllm:request_success_total{engine="0",finished_reason="abort",model_name="m"} 7.0',
+        'vllm:request_success_total{engine="0",finished_reason="error",model_name="m"} 1.0',
+        'vllm:request_success_total{engine="1",finished_reason="length",model_name="m"} 2.0',
+    ])
+    assert finished_requests(text) == 10.0
+    assert finished_requests("vllm:num_requests_running 0.0") is None
 
 
 def _result(checkpoints, failed=0, http_5xx=0, alive=True, preemptions=3, finished=10, not_aborted=0, log_errors=()):

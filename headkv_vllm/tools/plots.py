@@ -154,7 +154,7 @@ def stress_plot(result: dict, path: Path) -> Path:
     axes[0].legend(fontsize=7, loc="lower right")
     with_gauges = [s for s in samples if s.get("pages_in_use") is not None]
     axes[1].plot(minutes(with_gauges), [s["pages_in_use"] for s in with_gauges], label="in use")
-    axes[1].plot(minutes(checks), [c["pages_in_use"] or 0 for c in checks], "o", color="black", markersize=3,
+    axes[1].plot(minutes(checks), [c.get("pages_in_use") or 0 for c in checks], "o", color="black", markersize=3,
                  label="at idle checkpoints")
     pool = (result.get("server", {}).get("headkv_pool") or {}).get("pool_head_pages")
     if pool:

@@ -181,6 +181,7 @@ class Poller:
 
     def __init__(self, interval_s: float):
         self.interval_s = interval_s
+        self.poll_errors: list[str] = []  # polls that raised (the thread carries on)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -194,7 +195,10 @@ class Poller:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.poll()
+            try:
+                self.poll()
+            except Exception as e:  # noqa: BLE001 - one bad poll must not end a long run's sampling
+                self.poll_errors.append(f"{type(e).__name__}: {e}"[:300])
             self._stop.wait(self.interval_s)
 
     def poll(self) -> None:

@@ -62,8 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="KV pool size in uncompressed max-length requests (default 1.2: forces preemption)")
     p.add_argument("--mix", default="0.55,0.15,0.2,0.1",
                    help="weights of complete, chat, disconnect and malformed requests (default 0.55,0.15,0.2,0.1)")
-    p.add_argument("--warmup-minutes", type=float, default=5.0,
-                   help="checkpoints before this are left out of the drift (default 5)")
+    p.add_argument("--warmup-minutes", type=float,
+                   help="checkpoints before this are left out of the drift (default 5; --render: the file's)")
     p.add_argument("--sample-s", type=float, default=2.0, help="RSS and gauge sampling interval (default 2 s)")
     p.add_argument("--request-timeout", type=float, default=900.0, help="seconds before a request counts as failed")
     p.add_argument("--seed", type=int, default=0, help="workload seed")
@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {stress_compare_plot(results, Path(args.out) / f'{args.name}.png')}")
         return 0
     if args.render:
-        return render(Path(args.render), 60 * args.warmup_minutes if "--warmup-minutes" in argv else None)
+        return render(Path(args.render), None if args.warmup_minutes is None else 60 * args.warmup_minutes)
+    if args.warmup_minutes is None:
+        args.warmup_minutes = 5.0
     try:
         model = model_identity(args.model)
         method = build_methods([args.method], [args.kv_size], model, {})[0]
@@ -193,6 +195,7 @@ def run(args: argparse.Namespace, model, method, window: int, command: str) -> d
         result["server_alive_at_end"] = server.proc.poll() is None
         log = server.log_text()
     result["samples"], result["failed_polls"] = sampler.samples, sampler.failed_polls
+    result["sampler_errors"] = sampler.poll_errors[:20]
     result["checkpoints"] = checkpoints
     result["summary"] = summarize(outcomes, checkpoints, log, duration)
     result["drift"] = drift(checkpoints, 60 * args.warmup_minutes)
@@ -250,14 +253,16 @@ async def idle_checkpoint(server, sampler, requests_done: int, round_no: int, ti
     from headkv_vllm.tools.stress_watch import gauges, server_rss_mib
 
     end = time.monotonic() + timeout_s
-    probes, g, status, error = 0, {}, None, None
+    probes, attempts, g, status, error = 0, 0, {}, None, None
     async with httpx.AsyncClient(timeout=120) as client:
         while time.monotonic() < end and server.proc.poll() is None:
             try:
                 r = await client.post(f"{server.base_url}/v1/completions", json={
                     "model": server.config.model, "prompt": "Checkpoint.", "max_tokens": 1,
-                    "request_id": f"stress-probe-{round_no}-{probes}"})
-                probes, status = probes + 1, r.status_code
+                    "request_id": f"stress-probe-{round_no}-{attempts}"})
+                attempts += 1
+                status = r.status_code
+                probes += status == 200  # answered probes: each one request the engine finished
                 g, error = await asyncio.to_thread(gauges, server), None
                 if status == 200 and g["running"] == 0 and g["waiting"] == 0:
                     break

@@ -3,6 +3,7 @@ processes, sampled with its gauges in a thread, and the drift of both over a run
 
 from __future__ import annotations
 
+import re
 import time
 
 import psutil
@@ -44,9 +45,23 @@ def server_rss_mib(pid: int) -> dict[str, float]:
 
 
 def gauges(server, timeout_s: float = 30) -> dict[str, float | None]:
-    values = server.metrics(timeout_s)
-    return {k: values.get(name) for k, name in GAUGES.items()} | {"preemptions": values.get("vllm:num_preemptions_total"),
-                                                         "successes": values.get("vllm:request_success_total")}
+    import httpx
+
+    from headkv_vllm.tools.serve_process import parse_prometheus
+
+    r = httpx.get(f"{server.base_url}/metrics", timeout=timeout_s)
+    r.raise_for_status()
+    values = parse_prometheus(r.text)
+    return {k: values.get(name) for k, name in GAUGES.items()} | {
+        "preemptions": values.get("vllm:num_preemptions_total"), "successes": finished_requests(r.text)}
+
+
+def finished_requests(metrics_text: str) -> float | None:
+    """vLLM's ``request_success_total`` for the finish reasons of a full answer (stop,
+    length), summed over engines; None when the server publishes none."""
+    found = re.findall(r'^vllm:request_success_total\{[^}]*finished_reason="(?:stop|length)"[^}]*\} (\S+)$',
+                       metrics_text, flags=re.M)
+    return sum(map(float, found)) if found else None
 
 
 class Sampler(Poller):
