@@ -157,9 +157,13 @@ class VllmServer:
         """Prometheus samples by name (labels dropped; one engine)."""
         # Generous default: on a 2-core machine a busy server answers /metrics in seconds, and a
         # late answer is still a valid sample.
+        return parse_prometheus(self.metrics_text(timeout_s))
+
+    def metrics_text(self, timeout_s: float = 60) -> str:
+        """The raw Prometheus text of ``/metrics`` (labels kept)."""
         r = httpx.get(f"{self.base_url}/metrics", timeout=timeout_s)
         r.raise_for_status()
-        return parse_prometheus(r.text)
+        return r.text
 
 
 def parse_prometheus(text: str) -> dict[str, float]:

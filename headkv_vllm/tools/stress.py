@@ -38,8 +38,6 @@ from pathlib import Path
 from headkv_vllm.tools.methods import FULL, METHODS, MethodError, build_methods, model_identity
 
 FORMAT = "headkv-stress/1"
-BLOCK = 16  # head page tokens (engine.settings.DEFAULT_BLOCK_SIZE)
-DTYPE_BYTES = 4
 RSS_DRIFT_TARGET_PCT = 2.0
 
 
@@ -154,6 +152,9 @@ def render(json_path: Path, warmup_s: float | None) -> int:
 
 def pool_bytes(model, max_model_len: int, fits: float) -> int:
     """KV-cache bytes for ``fits`` uncompressed max-length requests, plus vLLM's null page."""
+    from headkv_vllm.engine.settings import DEFAULT_BLOCK_SIZE as BLOCK
+    from headkv_vllm.tools.bench_run import DTYPE_BYTES
+
     pages = math.ceil(fits * model.num_layers * model.num_kv_heads * -(-max_model_len // BLOCK)) + 1
     return pages * 2 * BLOCK * model.head_dim * DTYPE_BYTES
 

@@ -45,15 +45,12 @@ def server_rss_mib(pid: int) -> dict[str, float]:
 
 
 def gauges(server, timeout_s: float = 30) -> dict[str, float | None]:
-    import httpx
-
     from headkv_vllm.tools.serve_process import parse_prometheus
 
-    r = httpx.get(f"{server.base_url}/metrics", timeout=timeout_s)
-    r.raise_for_status()
-    values = parse_prometheus(r.text)
+    text = server.metrics_text(timeout_s)
+    values = parse_prometheus(text)
     return {k: values.get(name) for k, name in GAUGES.items()} | {
-        "preemptions": values.get("vllm:num_preemptions_total"), "successes": finished_requests(r.text)}
+        "preemptions": values.get("vllm:num_preemptions_total"), "successes": finished_requests(text)}
 
 
 def finished_requests(metrics_text: str) -> float | None:
