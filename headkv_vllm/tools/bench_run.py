@@ -29,7 +29,7 @@ ONE_STEP_MIN_BUDGET = 2048  # vLLM's CPU server default for max_num_batched_toke
 def run_bench(args: argparse.Namespace, model: ModelIdentity, methods: list[Method], command: str) -> int:
     from transformers import AutoTokenizer
 
-    from headkv_vllm.tools.eval_needle import _portable
+    from headkv_vllm.tools.eval_runs import portable
     from headkv_vllm.tools.machine import machine_info
     from headkv_vllm.tools.serve_process import stop_servers_on_sigterm
 
@@ -56,7 +56,7 @@ def run_bench(args: argparse.Namespace, model: ModelIdentity, methods: list[Meth
         runs += [(m, True) for m in methods if m.headkv is not None]
     for method, one_step in runs:
         run = measure(method, prompts, kv_bytes, args, out, one_step)
-        run["headkv"] = _portable(method.headkv)
+        run["headkv"] = portable(method.headkv)
         run["kv_bytes_per_request"] = kv_bytes_per_request(model, method, prompts, args.output_tokens)
         result["configs"].append(run)
         add_ratios(result["configs"])

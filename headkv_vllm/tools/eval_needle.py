@@ -18,16 +18,15 @@ per method (depth x length, one panel per KV size), ``summary.md`` and ``summary
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 from headkv_vllm.tools.eval_needles import NEEDLES, Needle
-from headkv_vllm.tools.methods import (FULL, Method, MethodError, build_methods, model_identity, parse_ints,
-                                 parse_names)
+from headkv_vllm.tools.eval_runs import (Ask, add_method_options, ask_method, check_method_options, earlier_rows,
+                                        methods_of, run_methods, table_order)
+from headkv_vllm.tools.methods import FULL, Method, MethodError, parse_ints
 
 FORMAT = "headkv-eval-needle/1"
 
@@ -35,43 +34,27 @@ FORMAT = "headkv-eval-needle/1"
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="headkv-vllm eval-needle", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="local model folder (served as is)")
-    p.add_argument("--methods", default="full,headkv-r2,headkv-r,snapkv,pyramidkv",
-                   help="comma-separated: full, headkv-r2, headkv-r, snapkv, pyramidkv")
-    p.add_argument("--kv-sizes", default="32,64,128,256", help="average KV sizes (tokens per KV head) to compare")
+    add_method_options(p)
     p.add_argument("--lengths", default="500,1000,1500,2000,2500,3000,3500,4000", help="context lengths in tokens")
     p.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent of the document")
     p.add_argument("--needles", default="all", help="'all' or comma-separated needle names: "
                    + ", ".join(n.name for n in NEEDLES))
-    p.add_argument("--scores-r", help="score file for headkv-r (default: the 'R' file for the model in configs/)")
-    p.add_argument("--scores-r2", help="score file for headkv-r2 (default: the 'R2' file for the model in configs/)")
-    p.add_argument("--headkv-settings", default="{}", help="JSON merged into every HEADKV config, e.g. '{\"beta\": 1.2}'")
     p.add_argument("--summary-lengths", default="1000:3000", help="MIN:MAX context lengths of the headline column")
     p.add_argument("--max-tokens", type=int, default=32, help="answer length limit")
-    p.add_argument("--concurrency", type=int, default=0, help="requests in flight per server (0: all cells at once)")
-    p.add_argument("--kv-cache-bytes", type=int, help="fixed KV cache size (default: --gpu-memory-utilization 0.3)")
-    p.add_argument("--base-url", help="evaluate this running server (one method, one KV size) instead of starting servers")
     p.add_argument("--resume", action="store_true", help="keep finished cells from an earlier needle.json in --out; run only the missing ones")
     p.add_argument("--out", default="results/needle", help="output folder")
     args = p.parse_args(argv)
+    check_method_options(p, args)
     try:
-        args.method_names = parse_names(args.methods, "--methods")
-        args.kv_size_list = parse_ints(args.kv_sizes, "--kv-sizes", minimum=9)
         args.length_list = parse_ints(args.lengths, "--lengths", minimum=64)
         args.depth_list = [float(d) for d in parse_ints(args.depths, "--depths", minimum=0)]
         args.needle_list = select_needles(args.needles)
-        args.settings = json.loads(args.headkv_settings)
         lo, _, hi = args.summary_lengths.partition(":")
         args.summary_range = (int(lo), int(hi))
-    except json.JSONDecodeError as e:
-        p.error(f"--headkv-settings is not valid JSON ({e}); pass e.g. '{{\"beta\": 1.2}}'.")
     except ValueError as e:
         p.error(str(e) if isinstance(e, MethodError) else f"--summary-lengths: use MIN:MAX, e.g. 1000:3000 ({e}).")
     if max(args.depth_list) > 100:
         p.error("--depths: percentages must be within 0..100.")
-    if args.base_url and (len(args.method_names) != 1 or (args.method_names != [FULL] and len(args.kv_size_list) != 1)):
-        p.error("--base-url evaluates one running server: give exactly one --methods entry and one --kv-sizes value "
-                "(the ones the server runs).")
     return args
 
 
@@ -91,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
-        methods = build_methods(args.method_names, args.kv_size_list, model_identity(args.model),
-                                {"headkv-r": args.scores_r, "headkv-r2": args.scores_r2}, args.settings)
+        methods = methods_of(args)
     except MethodError as e:
         print(f"headkv-vllm eval-needle: error: {e}", file=sys.stderr)
         return 2
@@ -124,21 +106,17 @@ def run_eval(args: argparse.Namespace, methods: list[Method], command: str) -> i
     result = {"format": FORMAT, "command": command, "machine": machine_info(), "model": Path(args.model).name,
               "grid": grid, "needles": [n.as_dict() for n in args.needle_list], "runs": []}
     earlier = earlier_cells(json_path, result) if args.resume else {}
-    for method in methods:
-        done_run, done = earlier.get((method.name, method.kv_size), (None, {}))
-        if done_run and done_run["headkv"] != _portable(method.headkv):
-            done_run, done = None, {}
-        todo = [i for i, (n, length, depth) in enumerate(cells) if cell_key(n.name, length, depth) not in done]
-        run = done_run
-        if todo:
-            run = _evaluate(method, [cells[i] for i in todo], [chats[i] for i in todo], args, out)
-            if done_run:
-                run["wall_s"] = round(run["wall_s"] + done_run["wall_s"], 1)
-        rows = {**done, **{cell_key(r["needle"], r["length"], r["depth"]): r for r in run["cells"]}}
-        run["cells"] = [rows[cell_key(n.name, length, depth)] for n, length, depth in cells]
-        result["runs"].append(run)
-        result["summary"] = summarize(result["runs"], args.summary_range)
+    keys = [cell_key(n.name, length, depth) for n, length, depth in cells]
+
+    def evaluate(method: Method, todo: list[int]) -> dict:
+        return _evaluate(method, [cells[i] for i in todo], [chats[i] for i in todo], args, out)
+
+    def save(runs: list[dict]) -> None:
+        result["runs"] = runs
+        result["summary"] = summarize(runs, args.summary_range)
         json_path.write_text(json.dumps(result, indent=1))
+
+    run_methods(methods, keys, earlier, "cells", _row_key, evaluate, save)
     table = summary_table(result["summary"], args.summary_range)
     (out / "summary.md").write_text(table + "\n")
     from headkv_vllm.tools.plots import needle_heatmaps, needle_summary_plot
@@ -168,77 +146,26 @@ def earlier_cells(path: Path, result: dict) -> dict:
         return {}
     needles = {n["name"]: n for n in result["needles"]}
     kept = {n["name"] for n in data.get("needles", []) if needles.get(n["name"]) == n}
-    earlier = {}
-    for run in data.get("runs", []):
-        rows = {cell_key(c["needle"], c["length"], c["depth"]): c for c in run["cells"] if c["needle"] in kept}
-        earlier[(run["method"], run["kv_size"])] = run, rows
-    return earlier
+    return earlier_rows(data.get("runs", []), "cells", _row_key, lambda c: c["needle"] in kept)
+
+
+def _row_key(row: dict) -> tuple:
+    return cell_key(row["needle"], row["length"], row["depth"])
 
 
 def _evaluate(method: Method, cells: list, chats: list, args: argparse.Namespace, out: Path) -> dict:
-    from headkv_vllm.tools.serve_process import ServerConfig, VllmServer
+    from headkv_vllm.tools.needle_prompts import chat_options, score
 
-    started = time.monotonic()
-    if args.base_url:
-        answers = asyncio.run(_ask_all(args.base_url, None, chats, [c[0] for c in cells], args, method.label))
-        server_info = {"base_url": args.base_url}
-    else:
-        max_len = -(-(max(args.length_list) + args.max_tokens + 64) // 16) * 16
-        config = ServerConfig(model=args.model, headkv=method.headkv, max_model_len=max_len,
-                              kv_cache_memory_bytes=args.kv_cache_bytes)
-        slug = method.name if method.kv_size is None else f"{method.name}_{method.kv_size}"
-        with VllmServer(config, out / "logs" / f"{slug}.log") as server:
-            answers = asyncio.run(_ask_all(server.base_url, args.model, chats, [c[0] for c in cells], args, method.label))
-            server_info = {"command": "vllm serve " + shlex.join(server.command[2:]).replace(str(server.port), "PORT"),
-                           "headkv_pool": server.headkv_pool(), "vllm_logged_kv_tokens": server.logged_kv_tokens()}
-    from headkv_vllm.tools.needle_prompts import score
-
+    asks = [Ask(chat, args.max_tokens, chat_options(needle)) for (needle, _, _), chat in zip(cells, chats)]
+    answers, run = ask_method(method, asks, model=args.model, base_url=args.base_url,
+                              max_model_len=max(args.length_list) + args.max_tokens + 64,
+                              kv_cache_bytes=args.kv_cache_bytes, concurrency=args.concurrency,
+                              log_dir=out / "logs", unit="cell")
     rows = []
     for (needle, length, depth), (text, prompt_tokens) in zip(cells, answers):
         rows.append({"needle": needle.name, "kind": needle.kind, "length": length, "depth": depth,
                      "prompt_tokens": prompt_tokens, "response": text, **score(text, needle)})
-    return {"method": method.name, "kv_size": method.kv_size, "label": method.label,
-            "headkv": _portable(method.headkv), "server": server_info,
-            "wall_s": round(time.monotonic() - started, 1), "cells": rows}
-
-
-async def _ask_all(base_url: str, model: str | None, chats: list, needles: list[Needle], args: argparse.Namespace,
-                   label: str) -> list:
-    from openai import AsyncOpenAI
-    from tqdm import tqdm
-
-    from headkv_vllm.tools.needle_prompts import chat_options
-
-    client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=3600, max_retries=0)
-    if model is None:
-        model = (await client.models.list()).data[0].id
-    limit = asyncio.Semaphore(args.concurrency or len(chats))
-
-    async def ask(i: int, messages: list[dict]):
-        options = chat_options(needles[i])
-        async with limit:
-            reply = await client.chat.completions.create(model=model, messages=messages, max_tokens=args.max_tokens,
-                                                         temperature=0.0, extra_body=options)
-        return i, reply.choices[0].message.content or "", reply.usage.prompt_tokens
-
-    answers: list = [None] * len(chats)
-    with tqdm(total=len(chats), desc=f"{label:>18}", unit="cell") as bar:
-        for done in asyncio.as_completed([ask(i, m) for i, m in enumerate(chats)]):
-            i, text, prompt_tokens = await done
-            answers[i] = (text, prompt_tokens)
-            bar.update()
-    await client.close()
-    return answers
-
-
-def _portable(settings: dict | None) -> dict | None:
-    """Settings as recorded: a score file inside the project is named relative to it."""
-    if not settings or "scores" not in settings:
-        return settings
-    root = Path(__file__).resolve().parents[2]
-    path = Path(settings["scores"]).resolve()
-    shown = str(path.relative_to(root)) if path.is_relative_to(root) else settings["scores"]
-    return {**settings, "scores": shown}
+    return {**run, "cells": rows}
 
 
 def summarize(runs: list[dict], length_range: tuple[int, int]) -> list[dict]:
@@ -268,8 +195,7 @@ def summary_table(rows: list[dict], length_range: tuple[int, int]) -> str:
     pct = lambda v: "-" if v is None else f"{v:.0f}%"
     lines = [f"| method | KV size | ROUGE-1 recall, all lengths | % of full | ROUGE-1 recall, {lo}-{hi} tokens | "
              f"% of full | contains, {lo}-{hi} | % of full |", "|---|---|---|---|---|---|---|---|"]
-    order = {name: i for i, name in enumerate(("full", "headkv-r2", "headkv-r", "snapkv", "pyramidkv"))}
-    for r in sorted(rows, key=lambda r: (r["kv_size"] or 0, order.get(r["method"], 9))):
+    for r in sorted(rows, key=table_order):
         lines.append(f"| {r['label'].split(' @ ')[0]} | {r['kv_size'] or 'full'} | {r['rouge1']:.1f} | "
                      f"{pct(r['rouge1_pct_of_full'])} | {r['rouge1_range']:.1f} | {pct(r['rouge1_range_pct_of_full'])} | "
                      f"{r['contains_range']:.1f} | {pct(r['contains_range_pct_of_full'])} |")

@@ -51,25 +51,32 @@ def needle_heatmaps(result: dict, out: Path) -> list[Path]:
 
 def needle_summary_plot(result: dict, length_range: tuple[int, int], path: Path) -> Path:
     """Mean ROUGE-1 recall over ``length_range`` per method against KV size, the full cache as a line."""
-    plt = _pyplot()
     lo, hi = length_range
-    rows = result["summary"]
+    return score_vs_kv_plot(result["summary"], "rouge1_range", f"ROUGE-1 recall, {lo}-{hi} tokens",
+                            f"Needle in a haystack, {result['model']}", path)
+
+
+def score_vs_kv_plot(rows: list[dict], key: str, ylabel: str, title: str, path: Path) -> Path:
+    """``row[key]`` (0-100) of each method's summary rows against KV size; the full cache
+    (the row without a KV size) as a horizontal line."""
+    plt = _pyplot()
     full = next((r for r in rows if r["kv_size"] is None), None)
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     if full:
-        ax.axhline(full["rouge1_range"], color="grey", linestyle="--", label=f"full cache ({full['rouge1_range']:.1f})")
+        ax.axhline(full[key], color="grey", linestyle="--", label=f"full cache ({full[key]:.1f})")
     methods = list(dict.fromkeys(r["method"] for r in rows if r["kv_size"] is not None))
     for method in methods:
-        points = sorted((r["kv_size"], r["rouge1_range"], r["label"]) for r in rows if r["method"] == method)
+        points = sorted((r["kv_size"], r[key], r["label"]) for r in rows if r["method"] == method)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=points[0][2].split(" @ ")[0])
     sizes = sorted({r["kv_size"] for r in rows if r["kv_size"] is not None})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(s) for s in sizes])
+    if sizes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("average KV size (tokens per KV head)")
-    ax.set_ylabel(f"ROUGE-1 recall, {lo}-{hi} tokens")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
-    ax.set_title(f"Needle in a haystack, {result['model']}", fontsize=10)
+    ax.set_title(title, fontsize=10)
     return _save(plt, fig, path)
 
 

@@ -162,7 +162,7 @@ def pool_bytes(model, max_model_len: int, fits: float) -> int:
 def run(args: argparse.Namespace, model, method, window: int, command: str) -> dict:
     from transformers import AutoTokenizer
 
-    from headkv_vllm.tools.eval_needle import _portable
+    from headkv_vllm.tools.eval_runs import portable
     from headkv_vllm.tools.haystack import haystack_text
     from headkv_vllm.tools.machine import machine_info
     from headkv_vllm.tools.serve_process import ServerConfig, VllmServer, stop_servers_on_sigterm
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace, model, method, window: int, command: str) -> d
     config = ServerConfig(model=args.model, headkv=method.headkv, max_model_len=args.max_model_len,
                           kv_cache_memory_bytes=kv_bytes, extra_args=("--enable-log-requests", "--max-log-len", "16"))
     result = {"format": FORMAT, "command": command, "machine": machine_info(), "model": Path(args.model).name,
-              "settings": {k: v for k, v in vars(args).items() if k != "mix_weights"} | {"headkv": _portable(method.headkv)},
+              "settings": {k: v for k, v in vars(args).items() if k != "mix_weights"} | {"headkv": portable(method.headkv)},
               "kv_cache_bytes": kv_bytes}
     server = VllmServer(config, out / "logs" / f"{args.name}.log")
     with server:
