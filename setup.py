@@ -14,8 +14,8 @@ setup(
     install_requires=["vllm==0.32.*"],
     extras_require={
         "convert": ["gguf>=0.17", "accelerate>=1.0"],
-        # score-heads, eval-needle, bench and budgets --png
-        "tools": ["matplotlib>=3.7", "tqdm>=4.60"],
+        # score-heads, eval-needle, eval-ruler (wonderwords: its word lists), bench and budgets --png
+        "tools": ["matplotlib>=3.7", "tqdm>=4.60", "wonderwords>=2.2"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "openai>=1.0", "requests"],
     },
     entry_points={
