@@ -1,5 +1,5 @@
-"""Figures for ``eval-needle`` (depth x length heatmaps) and ``bench`` (throughput and
-peak concurrency against stock vLLM)."""
+"""Figures for ``eval-needle`` (depth x length heatmaps), ``eval-ruler`` (task scores),
+``bench`` (throughput and peak concurrency against stock vLLM) and ``stress``."""
 
 from __future__ import annotations
 
@@ -77,6 +77,24 @@ def score_vs_kv_plot(rows: list[dict], key: str, ylabel: str, title: str, path: 
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
+    return _save(plt, fig, path)
+
+
+def ruler_task_heatmap(result: dict, path: Path) -> Path:
+    """``eval-ruler``: one row per method and KV size, one column per task and the average."""
+    plt = _pyplot()
+    tasks = result["grid"]["tasks"]
+    rows = result["summary"]
+    grid = [[r["tasks"][t] for t in tasks] + [r["average"]] for r in rows]
+    fig, ax = plt.subplots(figsize=(0.8 * len(tasks) + 3.2, 0.35 * len(rows) + 1.6))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    for i, line in enumerate(grid):
+        for j, value in enumerate(line):
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(tasks) + 1), [*tasks, "average"], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.03, label="score")
+    ax.set_title(f"RULER-style tasks, {result['model']}", fontsize=10)
     return _save(plt, fig, path)
 
 
