@@ -2,15 +2,17 @@
 and a small run through real servers, stock and HEADKV (slow)."""
 
 import collections
+import http.server
 import json
 import re
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from conftest import ROOT
-from headkv_vllm.tools.eval_ruler import (FORMAT, earlier_samples, parse_args, parse_max_tokens, summarize,
+from headkv_vllm.tools.eval_ruler import (FORMAT, earlier_samples, main, parse_args, parse_max_tokens, summarize,
                                           summary_table)
 from headkv_vllm.tools.ruler_tasks import MAX_TOKENS, NIAH_SHAPE, TASKS, RulerTasks, score, word_list
 
@@ -206,6 +208,86 @@ def test_cli_lists_eval_ruler(capsys):
     from headkv_vllm.cli import main
 
     assert main(["--help"]) == 0 and "eval-ruler" in capsys.readouterr().out
+
+
+class _EchoServer(http.server.ThreadingHTTPServer):
+    """A stand-in for an OpenAI-compatible server: answers every chat with its user
+    turn (so every expected string is found) and counts the requests."""
+
+    def __init__(self):
+        self.asked: list[str] = []
+        super().__init__(("127.0.0.1", 0), _EchoHandler)
+
+
+class _EchoHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self._reply({"object": "list", "data": [{"id": "echo", "object": "model", "created": 0, "owned_by": "t"}]})
+
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.asked.append(request["messages"][0]["content"])
+        self._reply({"id": "c", "object": "chat.completion", "created": 0, "model": "echo",
+                     "choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": request["messages"][0]["content"]}}],
+                     "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}})
+
+    def _reply(self, body: dict):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_run_and_resume_against_a_running_server(model_dir, tmp_path):
+    server = _EchoServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = tmp_path / "ruler"
+    argv = ["--base-url", f"http://127.0.0.1:{server.server_address[1]}", "--methods", "full", "--model",
+            str(model_dir), "--tasks", "niah_multivalue,fwe", "--lengths", "600", "--samples", "2", "--out", str(out)]
+    try:
+        assert main(argv) == 0
+        result = json.loads((out / "ruler.json").read_text())
+        (run,) = result["runs"]
+        assert run["server"] == {"base_url": argv[1]} and run["headkv"] is None
+        assert [(r["task"], r["index"], r["score"]) for r in run["samples"]] == [
+            ("niah_multivalue", 0, 1.0), ("niah_multivalue", 1, 1.0), ("fwe", 0, 1.0), ("fwe", 1, 1.0)]
+        assert result["grid"]["max_tokens"] == {"niah_multivalue": 128, "fwe": 50}
+        assert "| Full cache | full | 100.0 | 100.0 | 100.0 | 100% |" in (out / "summary.md").read_text()
+        assert len(server.asked) == 4
+
+        # one more sample per task, and fwe's answer length changed: its earlier answers are asked again
+        argv[argv.index("--samples") + 1] = "3"
+        assert main(argv + ["--max-tokens", "fwe=20", "--resume"]) == 0
+        run = json.loads((out / "ruler.json").read_text())["runs"][0]
+        assert [(r["task"], r["index"]) for r in run["samples"]] == [(t, i) for t in ("niah_multivalue", "fwe")
+                                                                      for i in range(3)]
+        assert len(server.asked) == 4 + 1 + 3
+    finally:
+        server.shutdown()
+
+
+def test_eval_needle_runs_on_the_shared_pieces(model_dir, tmp_path):
+    """eval-needle goes through the same server, request and --resume code (eval_runs)."""
+    from headkv_vllm.tools import eval_needle
+
+    server = _EchoServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    argv = ["--base-url", f"http://127.0.0.1:{server.server_address[1]}", "--methods", "full", "--model",
+            str(model_dir), "--needles", "ship-name,vault-code", "--lengths", "300", "--depths", "0,100",
+            "--out", str(tmp_path)]
+    try:
+        assert eval_needle.main(argv) == 0 and eval_needle.main(argv + ["--resume"]) == 0
+        (run,) = json.loads((tmp_path / "needle.json").read_text())["runs"]
+        assert len(run["cells"]) == 4 and all(c["contains"] for c in run["cells"]) and len(server.asked) == 4
+    finally:
+        server.shutdown()
 
 
 @pytest.mark.slow
