@@ -92,20 +92,23 @@ def score(answer: str, outputs: list[str], metric: str) -> float:
     raise ValueError(f"unknown metric {metric!r}; use 'all' or 'part'.")
 
 
-@lru_cache(maxsize=1)
-def word_list() -> tuple[str, ...]:
-    """The single lower-case words of wonderwords' adjective, noun and verb lists, sorted."""
+@lru_cache(maxsize=None)
+def _wonderwords(name: str) -> tuple[str, ...]:
+    """The single lower-case words of one of wonderwords' lists ("adjective", "noun", "verb"), sorted."""
     from importlib import resources
 
     try:
-        assets = resources.files("wonderwords") / "assets"
+        text = (resources.files("wonderwords") / "assets" / f"{name}list.txt").read_text(encoding="utf-8")
     except ModuleNotFoundError:
         raise RuntimeError("wonderwords is not installed: run `pip install -e '.[tools]'` "
                            "(or `bash scripts/setup.sh`).") from None
-    words = set()
-    for name in ("adjectivelist.txt", "nounlist.txt", "verblist.txt"):
-        words |= {w.strip() for w in (assets / name).read_text(encoding="utf-8").splitlines()}
-    return tuple(sorted(w for w in words if w.isalpha() and w.islower()))
+    return tuple(sorted({w.strip() for w in text.splitlines() if w.strip().isalpha() and w.strip().islower()}))
+
+
+@lru_cache(maxsize=1)
+def word_list() -> tuple[str, ...]:
+    """cwe's words: wonderwords' adjectives, nouns and verbs, sorted."""
+    return tuple(sorted(set(_wonderwords("adjective") + _wonderwords("noun") + _wonderwords("verb"))))
 
 
 @lru_cache(maxsize=1)
@@ -178,10 +181,10 @@ class RulerTasks:
 
     def _niah(self, num_keys: int, num_values: int, num_queries: int) -> Maker:
         def make(rng: random.Random, units: int, length: int) -> tuple[str, str, list[str]]:
-            words = word_list()
+            adjectives, nouns = _wonderwords("adjective"), _wonderwords("noun")
             keys: list[str] = []
             while len(keys) < num_keys:
-                key = f"{rng.choice(words)}-{rng.choice(words)}"
+                key = f"{rng.choice(adjectives)}-{rng.choice(nouns)}"
                 if key not in keys:
                     keys.append(key)
             values = [[str(rng.randint(10**6, 10**7 - 1)) for _ in range(num_values)] for _ in keys]
