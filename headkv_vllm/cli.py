@@ -11,6 +11,7 @@ COMMANDS = {
     "eval-needle": ("headkv_vllm.tools.eval_needle", "needle-in-a-haystack quality of each KV-cache method through a real server"),
     "eval-ruler": ("headkv_vllm.tools.eval_ruler", "RULER-style synthetic long-context tasks for each KV-cache method through a real server"),
     "bench": ("headkv_vllm.tools.bench", "serving throughput, latency and memory of HEADKV against stock vLLM"),
+    "calibrate": ("headkv_vllm.tools.calibrate", "choose HeadKV's beta per KV size (and the window) for a model on prompts of its own; written into its score file"),
     "score-heads": ("headkv_vllm.tools.score_heads", "compute head-importance scores (probe R or R2) for a model"),
     "import-scores": ("headkv_vllm.tools.import_scores", "convert a published HeadKV score file into configs/ format"),
     "budgets": ("headkv_vllm.tools.budget_table", "print the per-head budget table a score file yields"),

@@ -49,8 +49,8 @@ def check_request_settings(vllm_config, request_id: str, sampling_params) -> Non
     its own KV size is noted for the metrics."""
     from headkv_vllm.engine.compat import BACKEND_NAME, selected_backend_name
     from headkv_vllm.engine.metrics import note_request_kv_size
+    from headkv_vllm.engine.settings import served_window
     from headkv_vllm.method import request_settings
-    from headkv_vllm.method.config import HeadKVConfig
 
     extra = sampling_params.extra_args
     if not any(str(k).startswith(request_settings.PREFIX) for k in extra or ()):
@@ -58,7 +58,7 @@ def check_request_settings(vllm_config, request_id: str, sampling_params) -> Non
         return
     window = None
     if selected_backend_name(vllm_config) == BACKEND_NAME:
-        window = HeadKVConfig.from_additional_config(vllm_config.additional_config).window
+        window = served_window(vllm_config)
     request_settings.check(extra, window)
     note_request_kv_size(request_id, request_settings.request_kv_size(extra))
 

@@ -3,6 +3,7 @@ and the engine options HeadKV needs (applied once, in the first process)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -40,16 +41,43 @@ def resolve_budget_rule(config: HeadKVConfig, model: ModelIdentity) -> tuple[Bud
         scores.check_model(model)
     except ScoreFileError as e:
         raise HeadKVConfigError(f"{config.source} key '{CONFIG_KEY}' setting 'scores': {e}") from None
-    rule = BudgetRule.from_config(config, model.num_layers, model.num_kv_heads, scores.kv_head_scores)
-    return rule, f"scores {path} (probe {scores.probe})"
+    cal, betas, origin = scores.calibration, (), f"scores {path} (probe {scores.probe})"
+    if cal is not None:
+        if cal.window is not None and "window" not in config.explicit:
+            if config.kv_size <= cal.window:
+                raise HeadKVConfigError(
+                    f"{config.source} key '{CONFIG_KEY}': setting 'kv_size' ({config.kv_size}) must exceed the window "
+                    f"{cal.window} calibrated in {path} (key 'calibration.window'). Raise kv_size, or set 'window'.")
+            config = dataclasses.replace(config, window=cal.window)
+        if "beta" not in config.explicit:
+            betas = cal.betas
+        used = [f"window {config.window}"] if cal.window is not None and "window" not in config.explicit else []
+        used += ["beta per KV size " + ", ".join(f"{k}: {b:g}" for k, b in betas)] if betas else []
+        origin += f", calibrated {' and '.join(used)}" if used else ", its calibration overridden by the settings"
+    rule = BudgetRule.from_config(config, model.num_layers, model.num_kv_heads, scores.kv_head_scores, betas)
+    return rule, origin
 
 
 def headkv_from_vllm_config(vllm_config) -> tuple[HeadKVConfig, BudgetRule, str]:
+    """The settings as served (a calibrated window and beta filled in where the user set
+    none), the budget rule and where the budgets came from."""
     config = HeadKVConfig.from_additional_config(vllm_config.additional_config)
     model_config = vllm_config.model_config
     model = identity_from_hf_config(model_config.hf_text_config, Path(str(model_config.model)).name)
     rule, origin = resolve_budget_rule(config, model)
-    return config, rule, origin
+    served = dataclasses.replace(config, window=rule.window, beta=rule.beta_for(config.kv_size))
+    return served, rule, origin
+
+
+def served_window(vllm_config) -> int:
+    """The served observation window (a calibrated one included), read once per engine config."""
+    key = id(vllm_config)
+    if key not in _SERVED_WINDOW:
+        _SERVED_WINDOW[key] = (vllm_config, headkv_from_vllm_config(vllm_config)[0].window)
+    return _SERVED_WINDOW[key][1]
+
+
+_SERVED_WINDOW: dict[int, tuple] = {}  # id -> (the config, kept alive so that its id stays its own, window)
 
 
 def apply_engine_settings(vllm_config, config: HeadKVConfig, logger) -> None:

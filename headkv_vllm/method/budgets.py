@@ -80,14 +80,23 @@ class BudgetRule:
     num_layers: int
     num_kv_heads: int
     scores: tuple[tuple[float, ...], ...] | None = None
+    # (kv_size, beta) from the score file's calibration: each KV size takes the beta of
+    # the calibrated size nearest to it in ratio (ties: the smaller); empty: ``beta``.
+    betas: tuple[tuple[int, float], ...] = ()
     _made: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     MAX_CACHED = 256  # budget tables kept (one per KV size asked for) before the cache restarts
 
     @classmethod
-    def from_config(cls, config, num_layers: int, num_kv_heads: int, scores=None) -> "BudgetRule":
+    def from_config(cls, config, num_layers: int, num_kv_heads: int, scores=None, betas=()) -> "BudgetRule":
         return cls(config.policy, config.kv_size, config.window, config.beta, config.redistribute, num_layers,
-                   num_kv_heads, None if scores is None else tuple(tuple(float(s) for s in r) for r in scores))
+                   num_kv_heads, None if scores is None else tuple(tuple(float(s) for s in r) for r in scores),
+                   tuple(betas))
+
+    def beta_for(self, kv_size: int) -> float:
+        if not self.betas:
+            return self.beta
+        return min(self.betas, key=lambda kb: (abs(math.log(kb[0] / kv_size)), kb[0]))[1]
 
     def budgets(self, kv_size: int | str | None = None) -> "Budgets":
         """The budgets of ``kv_size`` (None: the server's)."""
@@ -100,8 +109,8 @@ class BudgetRule:
                 caps = ((_FULL_CAP,) * self.num_kv_heads,) * self.num_layers
                 made = Budgets(caps, self.window, self.redistribute)
             else:
-                made = policy_budgets(dataclasses.replace(self, kv_size=key), self.num_layers, self.num_kv_heads,
-                                      self.scores)
+                made = policy_budgets(dataclasses.replace(self, kv_size=key, beta=self.beta_for(key)),
+                                      self.num_layers, self.num_kv_heads, self.scores)
         self._made[key] = made  # (re)inserted last: most recently used
         return made
 

@@ -42,8 +42,11 @@ class HeadKVConfig:
                   'pyramidkv' (linear in depth)
     scores:       score file for 'headkv'; default: the file in configs/ whose model
                   identity matches the served model (R2 preferred)
-    beta:         'headkv' pool factor (> 1); smaller = more skewed budgets
-    window:       observation window: the last prompt queries that score, always kept
+    beta:         'headkv' pool factor (> 1); smaller = more skewed budgets. Unset: the
+                  score file's calibrated beta for the KV size (`headkv-vllm calibrate`),
+                  else 1.01 (the paper's)
+    window:       observation window: the last prompt queries that score, always kept.
+                  Unset: the score file's calibrated window ('headkv'), else 8
     pool_kernel:  max-pool kernel over the window scores (odd)
     redistribute: give the budget that a short prompt cannot use to the other heads
     page_store:   'auto' (block-table ops on CUDA, vLLM's CPU ops on the CPU),
@@ -62,6 +65,8 @@ class HeadKVConfig:
     redistribute: bool = True
     page_store: str = "auto"
     source: str = dataclasses.field(default="--additional-config", compare=False, repr=False)
+    # The settings the user gave; the others may take the score file's calibrated values.
+    explicit: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self):
         from headkv_vllm.method.budgets import POLICIES
@@ -94,7 +99,7 @@ class HeadKVConfig:
 
     @classmethod
     def known_keys(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+        return [f.name for f in dataclasses.fields(cls) if f.name not in ("source", "explicit")]
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None, source: str = "--additional-config") -> "HeadKVConfig":
@@ -110,7 +115,7 @@ class HeadKVConfig:
         hints = typing.get_type_hints(cls)
         for key, value in values.items():
             _check_type(where, key, value, hints[key])
-        return cls(source=source, **values)
+        return cls(source=source, explicit=frozenset(values), **values)
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> "HeadKVConfig":

@@ -16,8 +16,17 @@ Format (JSON, one object):
       "query_head_scores": [[float] * Hq] * L,   # optional
       "kv_head_scores": [[float] * Hkv] * L,     # what budgets are computed from
       "trials": int,                 # trials answered correctly, the ones the scores average
-      "command": str                 # the command that wrote the file
+      "command": str,                # the command that wrote the file
+      "calibration": {               # optional, written by `headkv-vllm calibrate`
+        "beta": {"<kv_size>": float, ...},   # beta chosen per KV size
+        "window": int                        # optional: the window chosen for the model
+      }
     }
+
+A calibration gives the engine its defaults for the settings the user leaves unset:
+the window, and the beta of the calibrated KV size nearest (in ratio) to the one
+served. Its other keys (the grid, the scores per setting, the prompts, the command)
+are provenance.
 
 KV-head aggregation: a KV head's score is the SUM of the scores of the query heads
 that share it, so the KV-head scores keep the query-head scores' normalisation
@@ -39,7 +48,7 @@ import os
 import sys
 from pathlib import Path
 
-from headkv_vllm.method.config import short_repr
+from headkv_vllm.method.config import MAX_WINDOW, short_repr
 
 FORMAT = "headkv-scores/1"
 KV_AGGREGATION = "sum"
@@ -84,6 +93,14 @@ def identity_from_hf_config(text_config, name: str) -> ModelIdentity:
 
 
 @dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Settings ``headkv-vllm calibrate`` chose for the file's model (engine defaults)."""
+
+    betas: tuple[tuple[int, float], ...]  # (kv_size, beta), by KV size
+    window: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class HeadScores:
     path: Path
     model: ModelIdentity
@@ -93,6 +110,7 @@ class HeadScores:
     kv_aggregation: str = KV_AGGREGATION
     trials: int | None = None
     command: str | None = None
+    calibration: Calibration | None = None
 
     def check_model(self, model: ModelIdentity) -> None:
         for key in ("num_layers", "num_query_heads", "num_kv_heads", "head_dim"):
@@ -165,7 +183,37 @@ def load_scores(path: str | Path) -> HeadScores:
     return HeadScores(
         path, model, str(data.get("probe", "")), _tuples(scores), query,
         kv_aggregation=data.get("kv_aggregation", KV_AGGREGATION), trials=trials, command=data.get("command"),
+        calibration=_read_calibration(path, data.get("calibration")),
     )
+
+
+RECALIBRATE = " Run `headkv-vllm calibrate` again, or remove the key 'calibration' (the engine then uses its defaults)."
+
+
+def _read_calibration(path, cal) -> Calibration | None:
+    if cal is None:
+        return None
+    if not isinstance(cal, dict):
+        raise ScoreFileError(f"{path}: key 'calibration' must be an object, got {short_repr(cal)}.{RECALIBRATE}")
+    window = cal.get("window")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or not 1 <= window <= MAX_WINDOW):
+        raise ScoreFileError(f"{path}: key 'calibration.window' must be an integer 1 to {MAX_WINDOW}, "
+                             f"got {short_repr(window)}.{RECALIBRATE}")
+    betas = cal.get("beta")
+    if not isinstance(betas, dict) or not betas:
+        raise ScoreFileError(f"{path}: key 'calibration.beta' must be an object of KV size -> beta, "
+                             f"got {short_repr(betas)}.{RECALIBRATE}")
+    pairs = []
+    for key, beta in betas.items():
+        kv_size = int(key) if key.isdigit() else 0
+        if kv_size <= (window or 1):
+            raise ScoreFileError(f"{path}: key 'calibration.beta' has the KV size {short_repr(key)}; KV sizes are "
+                                 f"integers above the window ({window or 1}).{RECALIBRATE}")
+        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 1 < beta < math.inf:
+            raise ScoreFileError(f"{path}: key 'calibration.beta.{key}' must be a finite number > 1, "
+                                 f"got {short_repr(beta)}.{RECALIBRATE}")
+        pairs.append((kv_size, float(beta)))
+    return Calibration(tuple(sorted(pairs)), window)
 
 
 def _check_matrix(path, key: str, rows, num_layers: int, num_heads: int, what: str) -> None:

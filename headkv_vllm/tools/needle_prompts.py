@@ -33,15 +33,17 @@ class NeedlePrompts:
             chat.append({"role": "assistant", "content": needle.answer_prefix})
         return chat
 
-    def build(self, needle: Needle, length: int, depth: float) -> list[dict]:
+    def build(self, needle: Needle, length: int, depth: float, offset: int = 0) -> list[dict]:
+        """The chat for ``needle`` at ``depth`` in a document from the haystack's token ``offset`` on."""
         needle_ids = self.tokenizer.encode(" " + needle.text, add_special_tokens=False)
         room = length - self.overhead(needle) - len(needle_ids)
         if room < 16:
             raise ValueError(f"--lengths: {length} tokens leave no room for a haystack around needle "
                              f"'{needle.name}'; use lengths >= {length - room + 16}.")
-        if room > len(self.haystack):
-            raise ValueError(f"--lengths: {length} tokens exceed the haystack ({len(self.haystack)} tokens).")
-        context = self.haystack[:room]
+        if offset + room > len(self.haystack):
+            raise ValueError(f"--lengths: {length} tokens exceed the haystack ({len(self.haystack) - offset} tokens "
+                             f"from token {offset} on).")
+        context = self.haystack[offset:offset + room]
         cut = round(room * depth / 100)
         while 0 < cut < room and context[cut - 1] not in self._sentence_end:
             cut -= 1
