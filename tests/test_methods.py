@@ -32,3 +32,12 @@ def test_headkv_methods_take_the_score_file_of_their_probe(monkeypatch):
     other = ModelIdentity("Other-LM", 30, 9, 3, 64)
     with pytest.raises(MethodError, match="no 'R' score file for Other-LM in configs/"):
         build_methods(["headkv-r"], [64], other, {})
+
+
+def test_paper_methods_set_the_paper_settings_over_extra_ones(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    paper, default = build_methods(["headkv-r2-paper", "headkv-r2"], [128], SMOL, {}, {"window": 32})
+    assert paper.headkv == {"policy": "headkv", "window": 8, "beta": 1.01, "kv_size": 128,
+                            "scores": str(Path("configs/SmolLM2-135M-Instruct_R2.json"))}
+    assert default.headkv["window"] == 32 and "beta" not in default.headkv
+    assert paper.label == "HeadKV-R2 (paper settings) @ 128"

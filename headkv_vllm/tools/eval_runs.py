@@ -19,7 +19,7 @@ from headkv_vllm.tools.methods import (FULL, Method, MethodError, build_methods,
                                        parse_names)
 
 # Row order of the summary tables: the full cache first, then the HeadKV variants.
-TABLE_ORDER = (FULL, "headkv-r2", "headkv-r", "snapkv", "pyramidkv")
+TABLE_ORDER = (FULL, "headkv-r2", "headkv-r2-paper", "headkv-r", "headkv-r-paper", "snapkv", "pyramidkv")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,9 @@
     pyramidkv   HEADKV backend, budgets linear in depth
     headkv-r    HEADKV backend, budgets from retrieval-head scores ("R")
     headkv-r2   HEADKV backend, budgets from retrieval-reasoning-head scores ("R2")
+    headkv-r-paper, headkv-r2-paper
+                the same with the paper's settings (window 8, beta 1.01) set explicitly, so
+                that a score file's calibrated defaults (``headkv-vllm calibrate``) do not apply
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from pathlib import Path
 from headkv_vllm.method.scores import ModelIdentity, find_score_file, identity_from_hf_config, score_files_note
 
 FULL = "full"
-POLICY_OF = {"snapkv": "snapkv", "pyramidkv": "pyramidkv", "headkv-r": "headkv", "headkv-r2": "headkv"}
-PROBE_OF = {"headkv-r": "R", "headkv-r2": "R2"}
+POLICY_OF = {"snapkv": "snapkv", "pyramidkv": "pyramidkv", "headkv-r": "headkv", "headkv-r2": "headkv",
+             "headkv-r-paper": "headkv", "headkv-r2-paper": "headkv"}
+PROBE_OF = {"headkv-r": "R", "headkv-r2": "R2", "headkv-r-paper": "R", "headkv-r2-paper": "R2"}
+PAPER_SETTINGS = {"window": 8, "beta": 1.01}  # HeadKV's published settings (docs/headkv-method.md)
 METHODS = (FULL, *POLICY_OF)
-LABELS = {FULL: "Full cache", "snapkv": "SnapKV", "pyramidkv": "PyramidKV", "headkv-r": "HeadKV-R", "headkv-r2": "HeadKV-R2"}
+LABELS = {FULL: "Full cache", "snapkv": "SnapKV", "pyramidkv": "PyramidKV", "headkv-r": "HeadKV-R", "headkv-r2": "HeadKV-R2",
+          "headkv-r-paper": "HeadKV-R (paper settings)", "headkv-r2-paper": "HeadKV-R2 (paper settings)"}
 
 
 class MethodError(ValueError):
@@ -84,6 +90,8 @@ def build_methods(names: list[str], kv_sizes: list[int], model: ModelIdentity, s
             methods.append(Method(FULL, None, None))
             continue
         settings = {"policy": POLICY_OF[name], **(extra_settings or {})}
+        if name.endswith("-paper"):
+            settings.update(PAPER_SETTINGS)
         if name in PROBE_OF:
             path = score_files.get(name) or find_probe_scores(model, PROBE_OF[name])
             if path is None:
