@@ -246,7 +246,9 @@ def run(args: argparse.Namespace, configs: list[Config], rules: dict, command: s
               "reference": {"used": reference_cls is not None, "mode": args.reference, "note": reference_note},
               "notes": ("Retention: share of the needle's answer tokens a KV head keeps. Budgets are the engine's kept "
                         "tokens per head (window included) for the prompt's length. 'user-text' windows end at the "
-                        "user's last token; the template tokens after it are kept on top of the budget."),
+                        "user's last token; the template tokens after it are kept on top of the budget. A window's "
+                        "template_tokens are its tokens after the user's text (the chat template, and a reasoning "
+                        "needle's answer prefix); question_tokens those of the question's last occurrence."),
               "prompts": prompt_rows,
               "configs": [_config_record(c, per_config[c], prompt_rows) for c in configs],
               "wall_s": None}
