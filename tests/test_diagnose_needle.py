@@ -75,8 +75,9 @@ def test_reference_selection_agrees_with_the_engine(pool_kernel, end):
             assert [m.tolist() for m in mine] == [t.tolist() for t in theirs]
 
 
-def fake_prompt(n=40, answer=(3, 4)):
-    return types.SimpleNamespace(n=n, answer=answer, needle=types.SimpleNamespace(name="x"), length=n, depth=50.0)
+def fake_prompt(n=40, answer=(3, 4), question=(30, 31)):
+    return types.SimpleNamespace(n=n, answer=answer, question=question, needle=types.SimpleNamespace(name="x"),
+                                 length=n, depth=50.0)
 
 
 def test_evaluate_and_record_means():
@@ -88,10 +89,12 @@ def test_evaluate_and_record_means():
     assert row["retention"] == [[1.0, 1.0], [1.0, 1.0]] and row["heads_with_needle"] == 4
     window_only = ((6, 6), (6, 6))
     none = _evaluate(fake_prompt(), window_only, scores, c, 40, None, ())
-    assert none["mean_retention"] == 0.0 and none["heads_with_needle"] == 0
+    assert none["mean_retention"] == 0.0 and none["heads_with_needle"] == 0 and none["question_retention"] == 0.0
+    assert row["question_retention"] == 1.0
     windows = {"6": {"last": {"text": "w", "template_tokens": 0, "question_tokens": 0}}}
     record = _config_record(c, [row, none], [{"windows": windows}, {"windows": windows}])
     assert record["mean_retention"] == 0.5 and record["heads_with_needle"] == 2 and record["heads"] == 4
+    assert record["question_retention"] == 0.5
     assert record["retention"] == [[0.5, 0.5], [0.5, 0.5]] and record["budget"] == [[40, 40], [40, 40]]
     assert record["budget_same_for_all_prompts"] is False and record["reference_equal"] is None
     assert [p["window_text"] for p in record["per_prompt"]] == ["w", "w"]

@@ -248,7 +248,8 @@ def run(args: argparse.Namespace, configs: list[Config], rules: dict, command: s
                         "tokens per head (window included) for the prompt's length. 'user-text' windows end at the "
                         "user's last token; the template tokens after it are kept on top of the budget. A window's "
                         "template_tokens are its tokens after the user's text (the chat template, and a reasoning "
-                        "needle's answer prefix); question_tokens those of the question's last occurrence."),
+                        "needle's answer prefix); question_tokens those of the question's last occurrence. "
+                        "question_retention: share of the question's last occurrence kept, mean over heads."),
               "prompts": prompt_rows,
               "configs": [_config_record(c, per_config[c], prompt_rows) for c in configs],
               "wall_s": None}
@@ -277,10 +278,11 @@ def _evaluate(prompt, kept_table, scores, c: Config, end: int, reference, checke
     ``checked`` layers."""
     from headkv_vllm.tools.diagnose_select import engine_kept, retention
 
-    rows, mismatched, compared = [], 0, 0
+    rows, question, mismatched, compared = [], [], 0, 0
     for layer, kept in enumerate(kept_table):
         sets = engine_kept(scores[layer], kept, c.window, prompt.n)
         rows.append([round(retention(s, prompt.answer), 4) for s in sets])
+        question += [retention(s, prompt.question) for s in sets]
         if reference is not None and layer in checked:
             ref = reference.kept(layer, end, c.window, c.pool_kernel, kept, prompt.n)
             mismatched += sum(not (a.shape == b.shape and bool((a == b).all())) for a, b in zip(sets, ref))
@@ -290,6 +292,7 @@ def _evaluate(prompt, kept_table, scores, c: Config, end: int, reference, checke
             "budget": [list(k) for k in kept_table], "retention": rows,
             "mean_retention": round(sum(flat) / len(flat), 4),
             "heads_with_needle": sum(r >= KEPT_NEEDLE for r in flat),
+            "question_retention": round(sum(question) / len(question), 4),
             "reference_compared_heads": compared, "reference_mismatched_heads": mismatched}
 
 
@@ -312,6 +315,7 @@ def _config_record(c: Config, rows: list[dict], prompt_rows: list[dict]) -> dict
             "mean_retention": round(sum(r["mean_retention"] for r in rows) / len(rows), 4),
             "heads_with_needle": round(sum(r["heads_with_needle"] for r in rows) / len(rows), 2),
             "heads": heads * len(mean_grid),
+            "question_retention": round(sum(r["question_retention"] for r in rows) / len(rows), 4),
             "budget": rows[0]["budget"],
             "budget_same_for_all_prompts": all(r["budget"] == rows[0]["budget"] for r in rows),
             "retention": mean_grid,
