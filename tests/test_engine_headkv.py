@@ -65,7 +65,7 @@ def test_compressed_matches_reference(model_dir, haystack_ids, reference, policy
     for i, prompt in enumerate(prompts):
         kept = [list(row) for row in budgets.kept(len(prompt))]
         assert sum(map(sum, kept)) / (30 * 3) <= kv_size + 1  # compression really happened
-        tokens, logprobs = reference.generate(prompt, kept, window=8, pool_kernel=7, steps=steps)
+        tokens, logprobs = reference.generate(prompt, kept, window=budgets.window, pool_kernel=7, steps=steps)
         assert out["token_ids"][i] == tokens, f"prompt {i}: greedy tokens differ from the reference"
         for step in range(steps):
             for token, lp in out["logprobs"][i][step].items():
