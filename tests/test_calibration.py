@@ -54,6 +54,9 @@ def test_beta_of_the_nearest_calibrated_size():
                       betas=((64, 1.5), (128, 1.2), (512, 1.01)))
     assert [rule.beta_for(k) for k in (16, 64, 90, 91, 128, 256, 257, 4096)] == \
         [1.5, 1.5, 1.5, 1.2, 1.2, 1.2, 1.01, 1.01]  # 90.5 is the geometric midpoint of 64 and 128
+    # exact ties (the geometric midpoint) go to the smaller size, whatever floats say
+    tie = BudgetRule("headkv", 128, 8, 1.01, True, 2, 2, ((0.4, 0.1), (0.3, 0.2)), betas=((72, 1.5), (128, 1.2)))
+    assert tie.beta_for(96) == 1.5 and tie.beta_for(97) == 1.2
     plain = BudgetRule("headkv", 128, 8, 1.01, True, 2, 2, ((0.4, 0.1), (0.3, 0.2)))
     assert plain.beta_for(64) == 1.01
     assert rule.budgets(64) == BudgetRule("headkv", 64, 8, 1.5, True, 2, 2, rule.scores).budgets()
@@ -70,6 +73,11 @@ def test_engine_takes_the_calibration_unless_set(tmp_path):
     assert (rule.window, rule.beta_for(64)) == (8, 1.01) and "calibration overridden" in origin
     rule, _ = resolve_budget_rule(HeadKVConfig.from_mapping({"scores": str(path), "beta": 2.0}), model)
     assert (rule.window, rule.beta_for(64)) == (16, 2.0)
+    # betas chosen at window 16 do not carry over to another window
+    rule, _ = resolve_budget_rule(HeadKVConfig.from_mapping({"scores": str(path), "window": 8}), model)
+    assert (rule.window, rule.beta_for(64)) == (8, 1.01)
+    rule, _ = resolve_budget_rule(HeadKVConfig.from_mapping({"scores": str(path), "window": 16}), model)
+    assert rule.beta_for(64) == 1.5
     with pytest.raises(HeadKVConfigError, match=r"'kv_size' \(12\) must exceed the window 16 calibrated in .*"
                                                 r"'calibration.window'"):
         resolve_budget_rule(HeadKVConfig.from_mapping({"scores": str(path), "kv_size": 12}), model)
@@ -90,7 +98,7 @@ def test_choice_window_then_beta_ties_to_the_first_listed():
     table["window 32, beta 1.01"]["128"] = 25.0  # now a tie at 25: the first listed window
     assert calibrate.choose(table, [8, 32], [1.01, 1.5], [64, 128])["window"] == 8
     assert calibrate.choose(table, [32, 8], [1.01, 1.5], [64, 128])["window"] == 32
-    assert "window" not in calibrate.choose(table, [8], [1.01, 1.5], [64, 128])
+    assert calibrate.choose(table, [32], [1.01, 1.5], [64, 128]) == {"window": 32, "beta": {"64": 1.01, "128": 1.01}}
 
 
 def _result(tmp_path) -> dict:
@@ -156,3 +164,49 @@ def test_bad_options(argv, message, capsys):
     with pytest.raises(SystemExit):
         calibrate.parse_args(argv + ["--out", "x"])
     assert message in capsys.readouterr().err
+
+
+def test_calibrate_replaces_a_broken_calibration_atomically(tmp_path):
+    path = _calibrated(tmp_path, {"beta": {"128": 0.5}})
+    with pytest.raises(ScoreFileError):
+        load_scores(path)
+    assert load_scores(path, calibration=False).calibration is None  # what calibrate reads
+    result = _result(tmp_path)
+    calibrate.write_calibration(path, result["chosen"], result, tmp_path / "calibration.json")
+    assert load_scores(path).calibration.window == 32
+    bad = {"window": 32, "beta": {"16": 1.2}}  # refused by the reader: the file stays as it was
+    before = path.read_text()
+    with pytest.raises(ScoreFileError):
+        calibrate.write_calibration(path, bad, result, tmp_path / "calibration.json")
+    assert path.read_text() == before
+
+
+def test_budgets_tool_serves_the_calibration_unless_given(tmp_path, capsys):
+    from headkv_vllm.tools import budget_table
+
+    path = _calibrated(tmp_path, {"beta": {"128": 2.0}, "window": 16})
+    budget_table.main([str(path), "--json"])
+    t = json.loads(capsys.readouterr().out)
+    assert (t["window"], t["beta"]) == (16, 2.0)
+    budget_table.main([str(path), "--json", "--window", "8", "--beta", "1.01"])
+    t = json.loads(capsys.readouterr().out)
+    assert (t["window"], t["beta"]) == (8, 1.01)
+    budget_table.main([str(path), "--json", "--per", "query-head"])
+    assert json.loads(capsys.readouterr().out)["window"] == 16
+
+
+def test_eval_methods_record_what_is_served(tmp_path, monkeypatch):
+    from conftest import SMOL
+    from headkv_vllm.tools.methods import MethodError, build_methods, recorded_served
+
+    path = _calibrated(tmp_path, {"beta": {"128": 2.0}, "window": 16})
+    r2, paper, snap = build_methods(["headkv-r2", "headkv-r2-paper", "snapkv"], [128], SMOL, {"headkv-r2": str(path)})
+    assert r2.served == {"window": 16, "beta": 2.0}
+    assert paper.headkv["scores"] == str(path) and paper.served == {"window": 8, "beta": 1.01}
+    assert snap.served == {"window": 8}
+    # results written before 'served' was recorded ran at the defaults of that time
+    assert recorded_served({"headkv": {"policy": "headkv", "kv_size": 128}}) == {"window": 8, "beta": 1.01}
+    assert recorded_served({"headkv": {"policy": "snapkv", "window": 32}}) == {"window": 32}
+    assert recorded_served({"headkv": None}) is None
+    with pytest.raises(MethodError, match="must exceed the window 16 calibrated"):
+        build_methods(["headkv-r2"], [12], SMOL, {"headkv-r2": str(path)})

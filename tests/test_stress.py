@@ -194,3 +194,10 @@ def test_short_stress_run_leaks_nothing(model_dir, tmp_path):
     assert all(x["rss_mib"]["engine_core"] > 0 and x["rss_mib"]["total"] > 1000 for x in result["samples"])
     assert s["cancelled_aborted_by_engine"] > 0 and s["server_log_error_lines"] == []
     assert (tmp_path / "short.png").exists() and "| completed |" in (tmp_path / "short.md").read_text()
+
+
+def test_per_request_sizes_stay_above_a_wide_window():
+    wide = make_jobs(300, 0, model="m", haystack_ids=IDS, haystack_text=TEXT, max_model_len=1024, vocab_size=50000,
+                     window=32)
+    sizes = {j.kv_size for j in wide if j.kind != "malformed" and isinstance(j.kv_size, int)}
+    assert 64 in sizes and min(sizes) > 32

@@ -49,7 +49,8 @@ def resolve_budget_rule(config: HeadKVConfig, model: ModelIdentity) -> tuple[Bud
                     f"{config.source} key '{CONFIG_KEY}': setting 'kv_size' ({config.kv_size}) must exceed the window "
                     f"{cal.window} calibrated in {path} (key 'calibration.window'). Raise kv_size, or set 'window'.")
             config = dataclasses.replace(config, window=cal.window)
-        if "beta" not in config.explicit:
+        # betas calibrated at another window than the one served do not carry over
+        if "beta" not in config.explicit and (cal.window is None or config.window == cal.window):
             betas = cal.betas
         used = [f"window {config.window}"] if cal.window is not None and "window" not in config.explicit else []
         used += ["beta per KV size " + ", ".join(f"{k}: {b:g}" for k, b in betas)] if betas else []
@@ -65,8 +66,14 @@ def headkv_from_vllm_config(vllm_config) -> tuple[HeadKVConfig, BudgetRule, str]
     model_config = vllm_config.model_config
     model = identity_from_hf_config(model_config.hf_text_config, Path(str(model_config.model)).name)
     rule, origin = resolve_budget_rule(config, model)
-    served = dataclasses.replace(config, window=rule.window, beta=rule.beta_for(config.kv_size))
-    return served, rule, origin
+    return served_config(config, rule), rule, origin
+
+
+def served_config(config: HeadKVConfig, rule: BudgetRule) -> HeadKVConfig:
+    """``config`` with the window and beta ``rule`` serves at its KV size (calibrated ones
+    included), marked as set so that resolving it again changes nothing."""
+    return dataclasses.replace(config, window=rule.window, beta=rule.beta_for(config.kv_size),
+                               explicit=config.explicit | {"window", "beta"})
 
 
 def served_window(vllm_config) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 from functools import lru_cache
 
 POLICIES = {  # name -> how its budgets are spread over the heads
@@ -96,7 +97,7 @@ class BudgetRule:
     def beta_for(self, kv_size: int) -> float:
         if not self.betas:
             return self.beta
-        return min(self.betas, key=lambda kb: (abs(math.log(kb[0] / kv_size)), kb[0]))[1]
+        return min(self.betas, key=lambda kb: (Fraction(max(kb[0], kv_size), min(kb[0], kv_size)), kb[0]))[1]
 
     def budgets(self, kv_size: int | str | None = None) -> "Budgets":
         """The budgets of ``kv_size`` (None: the server's)."""

@@ -146,7 +146,8 @@ def read_json(path: Path, not_found: str, invalid_fix: str = ""):
         raise ScoreFileError(f"{path}: not valid JSON ({e}).{invalid_fix}") from None
 
 
-def load_scores(path: str | Path) -> HeadScores:
+def load_scores(path: str | Path, calibration: bool = True) -> HeadScores:
+    """The score file at ``path``, checked; ``calibration`` False ignores its 'calibration' key."""
     path = Path(path)
     if not path.exists():
         raise ScoreFileError(f"{path}: no such score file. Fix the path. {score_files_note()}")
@@ -183,7 +184,7 @@ def load_scores(path: str | Path) -> HeadScores:
     return HeadScores(
         path, model, str(data.get("probe", "")), _tuples(scores), query,
         kv_aggregation=data.get("kv_aggregation", KV_AGGREGATION), trials=trials, command=data.get("command"),
-        calibration=_read_calibration(path, data.get("calibration")),
+        calibration=_read_calibration(path, data.get("calibration")) if calibration else None,
     )
 
 

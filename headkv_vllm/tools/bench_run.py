@@ -57,6 +57,7 @@ def run_bench(args: argparse.Namespace, model: ModelIdentity, methods: list[Meth
     for method, one_step in runs:
         run = measure(method, prompts, kv_bytes, args, out, one_step)
         run["headkv"] = portable(method.headkv)
+        run["served"] = method.served
         run["kv_bytes_per_request"] = kv_bytes_per_request(model, method, prompts, args.output_tokens)
         result["configs"].append(run)
         add_ratios(result["configs"])

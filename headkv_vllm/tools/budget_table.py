@@ -17,7 +17,7 @@ from pathlib import Path
 
 from headkv_vllm.method.budgets import POLICIES, Budgets, policy_budgets
 from headkv_vllm.method.config import HeadKVConfig, HeadKVConfigError
-from headkv_vllm.engine.settings import resolve_budgets
+from headkv_vllm.engine.settings import resolve_budget_rule, resolve_budgets, served_config
 from headkv_vllm.method.scores import HeadScores, ScoreFileError, load_scores
 
 PER = ("kv-head", "query-head")
@@ -121,8 +121,8 @@ def parse_args(argv):
     p.add_argument("scores", type=Path, help="score file (configs/*.json, or one written by import-scores)")
     p.add_argument("--policy", choices=POLICIES, default="headkv")
     p.add_argument("--kv-size", type=int, default=128, help="average tokens kept per head, window included (default 128)")
-    p.add_argument("--beta", type=float, default=1.01, help="HeadKV pool factor > 1 (default 1.01)")
-    p.add_argument("--window", type=int, default=8, help="observation window (default 8)")
+    p.add_argument("--beta", type=float, help="HeadKV pool factor > 1 (default: the file's calibrated beta, else 1.01)")
+    p.add_argument("--window", type=int, help="observation window (default: the file's calibrated window, else 8)")
     p.add_argument("--per", choices=PER, default="kv-head",
                    help="kv-head: what the engine stores (default); query-head: the authors' per-query-head budgets")
     p.add_argument("--prompt-len", type=int, help="show what a prompt of this many tokens keeps (default: caps)")
@@ -137,10 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(argv or []))
     try:
         scores = load_scores(args.scores)
-        config = HeadKVConfig(
-            kv_size=args.kv_size, policy=args.policy, scores=str(args.scores), beta=args.beta,
-            window=args.window, redistribute=args.redistribute, source="headkv-vllm budgets",
-        )
+        given = {"kv_size": args.kv_size, "policy": args.policy, "scores": str(args.scores), "beta": args.beta,
+                 "window": args.window, "redistribute": args.redistribute}
+        config = HeadKVConfig.from_mapping({k: v for k, v in given.items() if v is not None}, "headkv-vllm budgets")
+        # the window and beta the engine would serve (a calibration's, unless given), in both --per modes
+        config = served_config(config, resolve_budget_rule(config, scores.model)[0])
         t = table(scores, config, args.per, args.prompt_len)
     except (ScoreFileError, HeadKVConfigError) as e:
         raise SystemExit(f"budgets: {e}") from None

@@ -103,10 +103,8 @@ def choose(table: dict, windows: list[int], betas: list[float], kv_sizes: list[i
         return sum(table[grid_key(window, best_beta(window, kv))][str(kv)] for kv in kv_sizes) / len(kv_sizes)
 
     window = max(windows, key=lambda w: (window_score(w), -windows.index(w)))
-    chosen: dict = {"beta": {str(kv): best_beta(window, kv) for kv in kv_sizes}}
-    if len(windows) > 1:
-        chosen["window"] = window
-    return chosen
+    # the window is written even when only one was tried: the betas were chosen at it
+    return {"beta": {str(kv): best_beta(window, kv) for kv in kv_sizes}, "window": window}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from headkv_vllm.tools.serve_process import stop_servers_on_sigterm
 
     try:
-        scores = load_scores(args.scores)
+        scores = load_scores(args.scores, calibration=False)  # a calibration is what this replaces
         scores.check_model(model_identity(args.model))
     except (ScoreFileError, ValueError) as e:
         print(f"headkv-vllm calibrate: error: --scores: {e}", file=sys.stderr)
@@ -150,14 +148,20 @@ def main(argv: list[str] | None = None) -> int:
               "prompts": prompt_set, "table": {}, "runs": {}}
     if args.resume and json_path.exists():
         earlier = json.loads(json_path.read_text())
-        if earlier.get("prompts") == prompt_set and earlier.get("model") == result["model"]:
+        same = {k: (earlier.get(k), result[k]) for k in ("prompts", "model", "scores", "probe")}
+        changed = [k for k, (a, b) in same.items() if a != b]
+        if changed:
+            print(f"--resume: {json_path} was made with other {', '.join(changed)}; starting over.", flush=True)
+        else:
+            grid = {grid_key(w, b) for w in args.window_list for b in args.beta_list}
             result["runs"] = {k: r for k, r in earlier.get("runs", {}).items()
-                              if all(str(kv) in r["mean_rouge1"] for kv in args.kv_size_list)}
+                              if k in grid and all(str(kv) in r["mean_rouge1"] for kv in args.kv_size_list)}
 
     for window in args.window_list:
         for beta in args.beta_list:
             key = grid_key(window, beta)
             if key in result["runs"]:
+                result["runs"][key] = result["runs"].pop(key)  # grid order
                 continue
             settings = {"policy": "headkv", "scores": str(args.scores), "kv_size": max(args.kv_size_list),
                         "beta": beta, "window": window}
@@ -199,6 +203,8 @@ def write_calibration(path: Path, chosen: dict, result: dict, json_path: Path) -
     keeping every other key as it is; the file is read back as the engine reads it."""
     from headkv_vllm.method.scores import _dump, load_scores
 
+    import os
+
     data = json.loads(path.read_text())
     data["calibration"] = {
         **chosen,
@@ -210,8 +216,10 @@ def write_calibration(path: Path, chosen: dict, result: dict, json_path: Path) -
         "results": str(json_path),
         "commit": result["machine"].get("git_commit"),
     }
-    path.write_text(_dump(data) + "\n")
-    load_scores(path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(_dump(data) + "\n")
+    load_scores(tmp)  # the engine must accept it before it replaces the file
+    os.replace(tmp, path)
 
 
 def summary_table(result: dict) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Hashable
 
 from headkv_vllm.tools.methods import (FULL, Method, MethodError, build_methods, model_identity, parse_ints,
-                                       parse_names)
+                                       parse_names, recorded_served)
 
 # Row order of the summary tables: the full cache first, then the HeadKV variants.
 TABLE_ORDER = (FULL, "headkv-r2", "headkv-r2-paper", "headkv-r", "headkv-r-paper", "snapkv", "pyramidkv")
@@ -35,7 +35,8 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     """The options that choose the model, the methods and their servers."""
     p.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="local model folder (served as is)")
     p.add_argument("--methods", default="full,headkv-r2,headkv-r,snapkv,pyramidkv",
-                   help="comma-separated: full, headkv-r2, headkv-r, snapkv, pyramidkv")
+                   help="comma-separated: full, headkv-r2, headkv-r, snapkv, pyramidkv, headkv-r2-paper, headkv-r-paper "
+                        "(the paper's window 8 and beta 1.01, whatever a score file's calibration says)")
     p.add_argument("--kv-sizes", default="32,64,128,256", help="average KV sizes (tokens per KV head) to compare")
     p.add_argument("--scores-r", help="score file for headkv-r (default: the 'R' file for the model in configs/)")
     p.add_argument("--scores-r2", help="score file for headkv-r2 (default: the 'R2' file for the model in configs/)")
@@ -103,7 +104,7 @@ def ask_method(method: Method, asks: list[Ask], *, model: str, base_url: str | N
             server_info = {"command": "vllm serve " + shlex.join(server.command[2:]).replace(str(server.port), "PORT"),
                            "headkv_pool": server.headkv_pool(), "vllm_logged_kv_tokens": server.logged_kv_tokens()}
     return answers, {"method": method.name, "kv_size": method.kv_size, "label": method.label,
-                     "headkv": portable(method.headkv), "server": server_info,
+                     "headkv": portable(method.headkv), "served": method.served, "server": server_info,
                      "wall_s": round(time.monotonic() - started, 1)}
 
 
@@ -153,7 +154,7 @@ def run_methods(methods: list[Method], keys: list[Hashable], earlier: dict, fiel
     runs: list[dict] = []
     for method in methods:
         done_run, done = earlier.get((method.name, method.kv_size), (None, {}))
-        if done_run and done_run["headkv"] != portable(method.headkv):
+        if done_run and (done_run["headkv"] != portable(method.headkv) or recorded_served(done_run) != method.served):
             done_run, done = None, {}
         todo = [i for i, key in enumerate(keys) if key not in done]
         run = done_run

@@ -38,6 +38,9 @@ class Method:
     name: str
     kv_size: int | None  # None for the full cache
     headkv: dict | None  # the --additional-config "headkv" settings; None = stock backend
+    # the window (and HeadKV's beta) the server will use: a score file's calibrated ones
+    # where ``headkv`` sets none (build_methods fills it in)
+    served: dict | None = None
 
     @property
     def label(self) -> str:
@@ -93,12 +96,42 @@ def build_methods(names: list[str], kv_sizes: list[int], model: ModelIdentity, s
         if name.endswith("-paper"):
             settings.update(PAPER_SETTINGS)
         if name in PROBE_OF:
-            path = score_files.get(name) or find_probe_scores(model, PROBE_OF[name])
+            path = score_files.get(name.removesuffix("-paper")) or find_probe_scores(model, PROBE_OF[name])
             if path is None:
                 raise MethodError(
                     f"--methods {name}: no '{PROBE_OF[name]}' score file for {model.name} in configs/. "
                     f"{score_files_note()} "
                     f"Pass --scores-{name.split('-')[1]} FILE (made by `headkv-vllm score-heads`) or leave {name} out.")
             settings["scores"] = str(path)
-        methods += [Method(name, k, {**settings, "kv_size": k}) for k in kv_sizes]
+        methods += [Method(name, k, {**settings, "kv_size": k}, served_settings({**settings, "kv_size": k}, model))
+                    for k in kv_sizes]
     return methods
+
+
+def served_settings(headkv: dict, model: ModelIdentity) -> dict:
+    """The window and (policy 'headkv') beta a server with these settings uses, as
+    the engine resolves them; a KV size at or under a calibrated window is a MethodError."""
+    from headkv_vllm.engine.settings import resolve_budget_rule
+    from headkv_vllm.method.config import HeadKVConfig, HeadKVConfigError
+
+    try:
+        config = HeadKVConfig.from_mapping(headkv, "--headkv-settings")
+        rule, _ = resolve_budget_rule(config, model)
+    except HeadKVConfigError as e:
+        raise MethodError(str(e)) from None
+    served = {"window": rule.window}
+    if config.policy == "headkv":
+        served["beta"] = rule.beta_for(config.kv_size)
+    return served
+
+
+def recorded_served(run: dict) -> dict | None:
+    """A result's served window and beta; results written before they were recorded were
+    served the defaults of that time (window 8, beta 1.01) unless their settings said otherwise."""
+    if "served" in run or run.get("headkv") is None:
+        return run.get("served")
+    headkv = run["headkv"]
+    served = {"window": headkv.get("window", 8)}
+    if headkv.get("policy", "headkv") == "headkv":
+        served["beta"] = headkv.get("beta", 1.01)
+    return served

@@ -114,12 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     except MethodError as e:
         print(f"headkv-vllm stress: error: {e}", file=sys.stderr)
         return 2
-    from headkv_vllm.engine.settings import resolve_budget_rule
     from headkv_vllm.method.config import HeadKVConfig
 
     # the served window: a score file's calibrated one when the method sets none
-    config = HeadKVConfig.from_mapping(method.headkv or {})
-    window = resolve_budget_rule(config, model)[0].window if method.headkv else config.window
+    window = method.served["window"] if method.served else HeadKVConfig().window
     result = run(args, model, method, window, "headkv-vllm stress " + shlex.join(argv))
     return write_outputs(result, Path(args.out) / f"{args.name}.json")
 

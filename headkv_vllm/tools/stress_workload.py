@@ -91,6 +91,8 @@ def make_jobs(n: int, seed: int, *, model: str, haystack_ids: list[int], haystac
         prompt = haystack_ids[start : start + length]
         max_tokens = rng.randint(1, max_output)
         kv_size = rng.choice(KV_SIZE_CHOICES)  # drawn either way, so the jobs are otherwise the same
+        if isinstance(kv_size, int) and kv_size <= window:  # a calibrated window may exceed the small sizes
+            kv_size = 2 * window
         if not kv_sizes:
             kv_size = None
         common = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
