@@ -13,6 +13,7 @@ from headkv_vllm.method.budgets import BudgetRule
 from headkv_vllm.method.config import HeadKVConfig, HeadKVConfigError
 from headkv_vllm.method.scores import ScoreFileError, load_scores
 from headkv_vllm.tools import calibrate
+from headkv_vllm.tools.plots import calibration_plot
 from headkv_vllm.tools.eval_needles import NEEDLES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ def test_record_in_the_score_file_and_report(tmp_path):
     assert cal.window == 32 and cal.betas == ((64, 2.0), (128, 1.01))
     table = calibrate.summary_table(result)
     assert "| 32 | 2 | **34.0** | 38.0 |" in table and "Chosen (bold): window 32; beta KV 64: 2, KV 128: 1.01" in table
-    assert calibrate.calibration_plot(result, tmp_path / "c.png").stat().st_size > 1000
+    assert calibration_plot(result, tmp_path / "c.png").stat().st_size > 1000
 
 
 def test_calibration_prompts_share_nothing_with_the_evaluations():

@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps(result, indent=1))
     table = summary_table(result)
     (out / "summary.md").write_text(table + "\n")
+    from headkv_vllm.tools.plots import calibration_plot
+
     png = calibration_plot(result, out / "calibration.png")
     print(table)
     if not args.dry_run:
@@ -240,36 +242,6 @@ def summary_table(result: dict) -> str:
         lines += ["", "Chosen (bold): " + (f"window {chosen['window']}; " if "window" in chosen else "")
                   + "beta " + ", ".join(f"KV {k}: {b:g}" for k, b in chosen["beta"].items())]
     return "\n".join(lines)
-
-
-def calibration_plot(result: dict, path: Path) -> Path:
-    """Score against beta, one panel per KV size, one line per window; the choice circled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kvs, chosen = result["kv_sizes"], result.get("chosen", {})
-    fig, axes = plt.subplots(1, len(kvs), figsize=(3.6 * len(kvs), 3.2), sharey=True, squeeze=False)
-    for ax, kv in zip(axes[0], kvs):
-        for window in result["windows"]:
-            runs = sorted((r for r in result["runs"].values() if r["window"] == window), key=lambda r: r["beta"])
-            ax.plot([r["beta"] for r in runs], [r["mean_rouge1"][str(kv)] for r in runs], marker="o",
-                    label=f"window {window}")
-        if chosen:
-            beta = chosen["beta"][str(kv)]
-            run = result["runs"][grid_key(chosen.get("window", result["windows"][0]), beta)]
-            ax.plot([beta], [run["mean_rouge1"][str(kv)]], "o", ms=14, mfc="none", mec="k")
-        ax.set_xscale("log")
-        ax.set_title(f"KV size {kv}")
-        ax.set_xlabel("beta")
-    axes[0][0].set_ylabel("ROUGE-1 recall (calibration prompts)")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"{result['model']} {result['probe']} calibration (chosen: circled)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

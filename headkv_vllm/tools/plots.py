@@ -1,5 +1,5 @@
 """Figures for ``eval-needle`` (depth x length heatmaps), ``eval-ruler`` (task scores),
-``bench`` (throughput and peak concurrency against stock vLLM) and ``stress``."""
+``bench`` (throughput and peak concurrency against stock vLLM), ``stress`` and ``calibrate``."""
 
 from __future__ import annotations
 
@@ -231,3 +231,29 @@ def _save(plt, fig, path: Path) -> Path:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+def calibration_plot(result: dict, path: Path) -> Path:
+    """``calibrate``: score against beta, one panel per KV size, one line per window; the choice circled."""
+    plt = _pyplot()
+    kvs, chosen = result["kv_sizes"], result.get("chosen", {})
+    fig, axes = plt.subplots(1, len(kvs), figsize=(3.6 * len(kvs), 3.2), sharey=True, squeeze=False)
+    for ax, kv in zip(axes[0], kvs):
+        for window in result["windows"]:
+            runs = sorted((r for r in result["runs"].values() if r["window"] == window), key=lambda r: r["beta"])
+            ax.plot([r["beta"] for r in runs], [r["mean_rouge1"][str(kv)] for r in runs], marker="o",
+                    label=f"window {window}")
+        if chosen:
+            beta = chosen["beta"][str(kv)]
+            run = next(r for r in result["runs"].values() if r["window"] == chosen["window"] and r["beta"] == beta)
+            ax.plot([beta], [run["mean_rouge1"][str(kv)]], "o", ms=14, mfc="none", mec="k")
+        ax.set_xscale("log")
+        ax.set_title(f"KV size {kv}")
+        ax.set_xlabel("beta")
+    axes[0][0].set_ylabel("ROUGE-1 recall (calibration prompts)")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"{result['model']} {result['probe']} calibration (chosen: circled)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
