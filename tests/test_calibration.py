@@ -22,8 +22,11 @@ MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 
 
 def _calibrated(tmp_path, calibration) -> Path:
+    """The shipped R2 scores with ``calibration`` (None: without one)."""
     data = json.loads(R2.read_text())
-    data["calibration"] = calibration
+    data.pop("calibration", None)
+    if calibration is not None:
+        data["calibration"] = calibration
     path = tmp_path / "scores.json"
     path.write_text(json.dumps(data))
     return path
@@ -32,7 +35,9 @@ def _calibrated(tmp_path, calibration) -> Path:
 def test_calibration_read_sorted(tmp_path):
     cal = load_scores(_calibrated(tmp_path, {"beta": {"256": 1.01, "64": 1.5}, "window": 32})).calibration
     assert cal.betas == ((64, 1.5), (256, 1.01)) and cal.window == 32
-    assert load_scores(R2).calibration is None
+    assert load_scores(_calibrated(tmp_path, None)).calibration is None
+    shipped = load_scores(R2).calibration  # configs/ ships the choice of `calibrate` (README)
+    assert shipped.window == 16 and shipped.betas == ((64, 1.5), (128, 1.5), (256, 1.5))
 
 
 @pytest.mark.parametrize("calibration, key", [
