@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from headkv_vllm.tools.eval_needle import FORMAT, earlier_cells, parse_args, summarize
+from headkv_vllm.tools.eval_needle import FORMAT, earlier_cells, parse_args, summarize, summary_table
 from headkv_vllm.tools.eval_needles import NEEDLES
 from headkv_vllm.tools.needle import rouge1_recall
 from headkv_vllm.tools.needle_prompts import chat_options, contains_answer, score
@@ -96,6 +96,8 @@ def test_summary_is_relative_to_the_full_cache():
     ]
     rows = {r["method"]: r for r in summarize(runs, (1000, 3000))}
     assert rows["snapkv"]["rouge1_pct_of_full"] == 50.0 and rows["snapkv"]["rouge1_range_pct_of_full"] == 100.0
+    assert "ROUGE-1 recall, 1000-3000 tokens" in summary_table(list(rows.values()), (1000, 3000))
+    assert "ROUGE-1 recall, 4000 tokens" in summary_table(summarize(runs, (4000, 4000)), (4000, 4000))
 
 
 @pytest.mark.slow

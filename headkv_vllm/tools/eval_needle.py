@@ -27,6 +27,7 @@ from headkv_vllm.tools.eval_needles import NEEDLES, Needle
 from headkv_vllm.tools.eval_runs import (Ask, add_method_options, ask_method, check_method_options, earlier_rows,
                                         methods_of, run_methods, table_order)
 from headkv_vllm.tools.methods import FULL, Method, MethodError, parse_ints
+from headkv_vllm.tools.plots import length_span
 
 FORMAT = "headkv-eval-needle/1"
 
@@ -191,10 +192,10 @@ def summarize(runs: list[dict], length_range: tuple[int, int]) -> list[dict]:
 
 
 def summary_table(rows: list[dict], length_range: tuple[int, int]) -> str:
-    lo, hi = length_range
+    span = length_span(length_range)
     pct = lambda v: "-" if v is None else f"{v:.0f}%"
-    lines = [f"| method | KV size | ROUGE-1 recall, all lengths | % of full | ROUGE-1 recall, {lo}-{hi} tokens | "
-             f"% of full | contains, {lo}-{hi} | % of full |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| method | KV size | ROUGE-1 recall, all lengths | % of full | ROUGE-1 recall, {span} tokens | "
+             f"% of full | contains, {span} | % of full |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=table_order):
         lines.append(f"| {r['label'].split(' @ ')[0]} | {r['kv_size'] or 'full'} | {r['rouge1']:.1f} | "
                      f"{pct(r['rouge1_pct_of_full'])} | {r['rouge1_range']:.1f} | {pct(r['rouge1_range_pct_of_full'])} | "

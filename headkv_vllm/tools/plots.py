@@ -49,10 +49,15 @@ def needle_heatmaps(result: dict, out: Path) -> list[Path]:
     return paths
 
 
+def length_span(length_range: tuple[int, int]) -> str:
+    """``(lo, hi)`` as a column label: "1000-3000", or "4000" when both ends are equal."""
+    lo, hi = length_range
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
 def needle_summary_plot(result: dict, length_range: tuple[int, int], path: Path) -> Path:
     """Mean ROUGE-1 recall over ``length_range`` per method against KV size, the full cache as a line."""
-    lo, hi = length_range
-    return score_vs_kv_plot(result["summary"], "rouge1_range", f"ROUGE-1 recall, {lo}-{hi} tokens",
+    return score_vs_kv_plot(result["summary"], "rouge1_range", f"ROUGE-1 recall, {length_span(length_range)} tokens",
                             f"Needle in a haystack, {result['model']}", path)
 
 
