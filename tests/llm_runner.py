@@ -1,6 +1,7 @@
 """Runs one real ``vllm.LLM`` from a JSON spec on stdin and prints a JSON result.
 
-spec: {"engine": {LLM kwargs}, "prompts": [str | [token ids]], "sampling": {SamplingParams kwargs}}
+spec: {"engine": {LLM kwargs}, "prompts": [str | [token ids]], "sampling": {SamplingParams kwargs},
+       "extra_args": [dict | None per prompt] (optional: SamplingParams.extra_args, e.g. headkv_kv_size)}
 result: {"token_ids": [[...]], "text": [...], "logprobs": [[{token: logprob}]] (when asked)}
 """
 
@@ -14,7 +15,9 @@ def main() -> None:
 
     llm = LLM(**spec["engine"])
     prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in spec["prompts"]]
-    outs = llm.generate(prompts, SamplingParams(**spec.get("sampling", {})), use_tqdm=False)
+    extra = spec.get("extra_args") or [None] * len(prompts)
+    params = [SamplingParams(**spec.get("sampling", {}), extra_args=e) for e in extra]
+    outs = llm.generate(prompts, params, use_tqdm=False)
     result = {
         "token_ids": [list(o.outputs[0].token_ids) for o in outs],
         "text": [o.outputs[0].text for o in outs],

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import SMOL, engine, run_llm
 from headkv_vllm.method.config import HeadKVConfig
-from headkv_vllm.engine.settings import resolve_budgets
+from headkv_vllm.engine.settings import resolve_budget_rule, resolve_budgets
 
 
 @pytest.mark.slow
@@ -42,31 +42,30 @@ LOGPROB_ATOL = 1e-3
 
 
 @pytest.mark.slow
-# Every policy at both sizes, prompts in one step or in chunks of 256 and 512 tokens
-# (docs/kv_layout.md, "Chunked prefill"); ~35 s of engine each on two cores. The
-# 1030-token prompt's last chunk is 6 tokens under both chunk sizes, so two of its 8
-# window queries come from the chunk before; the 2800-token prompt is chunked while the
-# first one decodes.
-@pytest.mark.parametrize("policy, kv_size, chunk", [
-    ("headkv", 64, None), ("headkv", 128, 256), ("headkv", 64, 512),
-    ("snapkv", 128, 256), ("snapkv", 64, 512),
-    ("pyramidkv", 64, 512), ("pyramidkv", 128, 256),
-])
-def test_compressed_matches_reference(model_dir, haystack_ids, reference, policy, kv_size, chunk):
+# Every policy at both sizes, in one engine each: the server's 128 and a request's own 64
+# (SamplingParams.extra_args), sharing steps. Prompts in one step or in chunks of 256 and
+# 512 tokens (docs/kv_layout.md, "Chunked prefill"). The 1030-token prompt's last chunk
+# is 6 tokens under both chunk sizes, so two of its 8 window queries come from the chunk
+# before; the 2800-token prompts are chunked while the first ones decode.
+@pytest.mark.parametrize("policy, chunk", [("headkv", None), ("headkv", 512), ("snapkv", 256), ("pyramidkv", 256)])
+def test_compressed_matches_reference(model_dir, haystack_ids, reference, policy, chunk):
     # headkv: the committed SmolLM2 R2 scores, found by the engine's default lookup
-    cfg = {"policy": policy, "kv_size": kv_size}
-    prompts = [haystack_ids[1000:2030], haystack_ids[12000:14800]]
+    cfg = {"policy": policy, "kv_size": 128}
+    asks = [(haystack_ids[1000:2030], 64), (haystack_ids[12000:14800], 128),
+            (haystack_ids[12000:14800], 64), (haystack_ids[1000:2030], 128)]
     steps = 16
     chunking = {"enable_chunked_prefill": True, "max_num_batched_tokens": chunk} if chunk else \
         {"max_num_batched_tokens": 4096}
-    out = run_llm({"engine": {**engine(model_dir, **cfg), **chunking}, "prompts": prompts,
-                   "sampling": dict(temperature=0.0, max_tokens=steps, ignore_eos=True, logprobs=5)})
-    budgets, _ = resolve_budgets(HeadKVConfig.from_mapping(cfg), SMOL)
-    for i, prompt in enumerate(prompts):
+    out = run_llm({"engine": {**engine(model_dir, **cfg), **chunking}, "prompts": [p for p, _ in asks],
+                   "sampling": dict(temperature=0.0, max_tokens=steps, ignore_eos=True, logprobs=5),
+                   "extra_args": [None if k == cfg["kv_size"] else {"headkv_kv_size": k} for _, k in asks]})
+    rule, _ = resolve_budget_rule(HeadKVConfig.from_mapping(cfg), SMOL)
+    for i, (prompt, kv_size) in enumerate(asks):
+        budgets = rule.budgets(kv_size)
         kept = [list(row) for row in budgets.kept(len(prompt))]
         assert sum(map(sum, kept)) / (30 * 3) <= kv_size + 1  # compression really happened
         tokens, logprobs = reference.generate(prompt, kept, window=budgets.window, pool_kernel=7, steps=steps)
-        assert out["token_ids"][i] == tokens, f"prompt {i}: greedy tokens differ from the reference"
+        assert out["token_ids"][i] == tokens, f"prompt {i} at KV {kv_size}: greedy tokens differ from the reference"
         for step in range(steps):
             for token, lp in out["logprobs"][i][step].items():
                 assert abs(lp - float(logprobs[step][int(token)])) < LOGPROB_ATOL, (i, step, token)
