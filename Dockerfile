@@ -5,7 +5,7 @@
 ARG VLLM_VERSION=v0.32.0
 
 # Build stage: the plugin's wheel (pure Python; the shipped score files in configs/ are
-# package data, installed as headkv_vllm/configs). tests/test_wheel_install.py builds the
+# package data, installed as headkv_vllm/configs). tests/engine/test_wheel_install.py builds the
 # wheel from exactly these COPY lines.
 FROM vllm/vllm-openai:${VLLM_VERSION} AS build
 COPY setup.py README.md /opt/headkv-vllm/

@@ -1,12 +1,15 @@
 from setuptools import setup
 
+TOOL_TOPICS = ("common", "eval", "scoring", "diagnose", "bench", "stress", "sim", "deploy")
+
 setup(
     name="headkv-vllm",
     version="0.1.0",
     description="HeadKV head-level KV-cache compression as a vLLM plugin",
     python_requires=">=3.10",
     packages=["headkv_vllm", "headkv_vllm.core", "headkv_vllm.engine", "headkv_vllm.method",
-              "headkv_vllm.tools", "headkv_vllm.kernels", "headkv_vllm.configs"],
+              "headkv_vllm.tools", *(f"headkv_vllm.tools.{topic}" for topic in TOOL_TOPICS),
+              "headkv_vllm.kernels", "headkv_vllm.configs"],
     # kernels/ and configs/ (the shipped head-score files) are top-level folders installed
     # inside the package; the engine finds score files through headkv_vllm.configs.
     package_dir={"headkv_vllm.kernels": "kernels", "headkv_vllm.configs": "configs"},

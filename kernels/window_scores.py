@@ -1,4 +1,4 @@
-"""Window scores of SnapKV/HeadKV for one prompt, per KV head (docs/headkv-method.md s.3).
+"""Window scores of SnapKV/HeadKV for one prompt, per KV head (docs/method.md s.3).
 
 - ``window_scores_ref``: PyTorch reference (materialises [Hq, w, n] logits).
 - ``window_scores_triton``: Triton, tiles over the keys; three launches:

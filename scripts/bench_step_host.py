@@ -174,7 +174,7 @@ def main(argv=None) -> int:
                 row["speedup"] = row["before"]["ms_per_step_median"] / row["after"]["ms_per_step_median"]
             rows.append(row)
     sys.path.insert(0, str(ROOT))
-    from headkv_vllm.tools.machine import machine_info
+    from headkv_vllm.tools.common.machine import machine_info
 
     before_commit = None
     if args.before:

@@ -74,7 +74,7 @@ def main() -> int:
               f"{', '.join(f'{v:.0f}' for v in r['after_round_mib'])} MiB; one count repeated: "
               f"{r['one_count_repeated_mib'][0]:.0f} -> {r['one_count_repeated_mib'][1]:.0f} MiB")
     if args.out:
-        from headkv_vllm.tools.machine import machine_info
+        from headkv_vllm.tools.common.machine import machine_info
 
         Path(args.out).write_text(json.dumps({"command": "scripts/cpu_gemm_rss_probe.py " + " ".join(sys.argv[1:]),
                                               "machine": machine_info(), "settings": vars(args),

@@ -39,9 +39,9 @@ PY=${PYTHON:-python3}
 COMMAND="bash scripts/gpu_check.sh${*:+ $*}"
 DEADLINE_S=${GPU_CHECK_DEADLINE_S:-450}
 RESULTS=${GPU_CHECK_RESULTS:-results/gpu_check}
-TEST_FILES=${GPU_CHECK_TESTS:-"tests/test_kernels_decode.py tests/test_kernels_select_store.py \
-tests/test_kernels_window_scores.py tests/test_kernels_bench.py tests/test_torch_ops.py tests/test_step_plan.py tests/test_chunked_prefill_core.py \
-tests/test_gpu_step_check.py"}
+TEST_FILES=${GPU_CHECK_TESTS:-"tests/kernels/test_kernels_decode.py tests/kernels/test_kernels_select_store.py \
+tests/kernels/test_kernels_window_scores.py tests/kernels/test_kernels_bench.py tests/core/test_torch_ops.py tests/core/test_step_plan.py tests/core/test_chunked_prefill_core.py \
+tests/gpu/test_gpu_step_check.py"}
 START=$(date +%s)
 
 if ! "$PY" -c 'import torch, triton, pytest' 2>/dev/null; then
@@ -78,7 +78,7 @@ ln -s "$PWD/configs" "$PKG/configs"
 echo 'raise ImportError("vLLM is not used by scripts/gpu_check.sh")' >"$WORK/path/vllm/__init__.py"
 export PYTHONPATH="$WORK/path${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONSAFEPATH=1 PYTHONDONTWRITEBYTECODE=1
-export GPU_CHECK_PACKAGE=$PKG  # tests/test_gpu_step_check.py checks its imports against it
+export GPU_CHECK_PACKAGE=$PKG  # tests/gpu/test_gpu_step_check.py checks its imports against it
 if [[ $DRY_RUN == 1 ]]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""  # the CPU, even on a GPU machine
 else
@@ -131,7 +131,7 @@ echo "gpu_check: kernel tests ($(echo $TEST_FILES | wc -w) files in parallel)"
 PYTEST_LIMIT=$(($(left) * 55 / 100))
 t0=$(date +%s.%N)
 for file in $TEST_FILES; do
-  name=$(basename "${file%%::*}" .py)
+  name=$(sed "s#/#.#g" <<<"${file%%::*}"); name=${name%.py}  # tests.core.test_x
   run_timed "$PYTEST_LIMIT" "$WORK/pytest/$name.time" "$WORK/pytest/$name.rc" "$LOGS/pytest_$name.log" \
     "$PY" -m pytest -q -p no:cacheprovider "$file" --junitxml="$WORK/pytest/$name.xml" &
 done

@@ -111,7 +111,7 @@ def machine() -> dict:
         info["device"] = None
         info["device_error"] = f"{type(e).__name__}: {e}"
     try:  # CPU model, cores, RAM (the CPU reference of the step check runs there)
-        from headkv_vllm.tools.machine import machine_info
+        from headkv_vllm.tools.common.machine import machine_info
 
         host = machine_info()
         info["host"] = {k: host.get(k) for k in ("cpu", "cpu_cores_usable", "ram_gib", "os")}
@@ -174,7 +174,7 @@ def pytest_part(work: Path) -> dict:
             entry["error"] = "no JUnit XML" + (" (timed out)" if rc in (124, 137) else "")
         entry["pass"] = rc == 0 and "error" not in entry and entry.get("tests", 0) > 0 \
             and entry["failures"] == 0 and entry["errors"] == 0
-        files[f"tests/{name}.py"] = entry
+        files[name.replace(".", "/") + ".py"] = entry
     totals = {k: sum(f.get(k, 0) for f in files.values()) for k in ("tests", "passed", "failures", "errors", "skipped")}
     return {"pass": bool(files) and all(f["pass"] for f in files.values()), **totals,
             "seconds": _seconds(work, "pytest"), "files": files}

@@ -1,5 +1,5 @@
 """HeadKV steps on a device, checked against references: the vLLM-free check of the
-compute core that scripts/gpu_check.sh runs on a GPU (and tests/test_gpu_step_check.py
+compute core that scripts/gpu_check.sh runs on a GPU (and tests/gpu/test_gpu_step_check.py
 on the CPU).
 
 A scenario of requests runs for a few steps through the core as the engine drives
@@ -64,14 +64,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 # Device route vs the fp32 reference route. fp16/bf16: the kernels round softmax
-# weights to the cache dtype before P @ V and round the output (tests/test_kernels_decode.py);
+# weights to the cache dtype before P @ V and round the output (tests/kernels/test_kernels_decode.py);
 # fp32: SDPA and the split-K kernel sum in a different order than the CPU.
 OUTPUT_TOL = {
     torch.float32: dict(atol=1e-4, rtol=1e-4),
     torch.float16: dict(atol=2e-3, rtol=2e-3),
     torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
 }
-SCORE_TOL = dict(atol=1e-6, rtol=1e-4)  # fp32 softmax on both sides (tests/test_kernels_window_scores.py)
+SCORE_TOL = dict(atol=1e-6, rtol=1e-4)  # fp32 softmax on both sides (tests/kernels/test_kernels_window_scores.py)
 ORACLE_TOL = dict(atol=5e-5, rtol=5e-5)  # fp32 vs fp32 on the CPU
 OUTPUT_SENTINEL = -1000.0  # the output's rows before the forward (exact in every dtype)
 
@@ -364,7 +364,7 @@ def make_attention(shape: Shape, use_triton: bool | None, replay: bool):
 
 
 class Oracle:
-    """Each head's kept K/V rows from first principles (docs/headkv-method.md): the top
+    """Each head's kept K/V rows from first principles (docs/method.md): the top
     ``kept - window`` prefix positions by score (ties: lower position first) in
     position order, the window, then every later token; and plain attention over them."""
 

@@ -1,6 +1,6 @@
 """Per-KV-head token budgets (HeadKV, SnapKV, PyramidKV).
 
-Notation of docs/headkv-method.md section 2, per KV head: ``b = kv_size - window``
+Notation of docs/method.md section 2, per KV head: ``b = kv_size - window``
 prefix tokens are chosen per head on average; ``cap[l][h]`` is head (l, h)'s
 number of chosen prefix tokens; it keeps ``cap + window`` tokens of a long prompt.
 

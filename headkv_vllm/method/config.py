@@ -35,7 +35,7 @@ def short_repr(value: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class HeadKVConfig:
-    """HeadKV settings (docs/headkv-method.md).
+    """HeadKV settings (docs/method.md).
 
     kv_size:      average tokens kept per KV head, window included (the paper's "KV size")
     policy:       'headkv' (score-driven per-head budgets), 'snapkv' (uniform),

@@ -1,0 +1,1 @@
+"""What the tools share: the machine record, a real `vllm serve` process, the KV-cache methods compared, figures, haystack text and needles."""
