@@ -336,7 +336,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA device (torch.cuda.is_available() is False). "
-              "Without one, run the kernels' interpreter tests: pytest tests/test_kernels_*.py", file=sys.stderr)
+              "Without one, run the kernels' interpreter tests: pytest tests/kernels/test_kernels_*.py", file=sys.stderr)
         return 2
     import triton
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: on one CUDA device, without vLLM and without a network,
 #   1. the kernel tests compile the Triton kernels for the device and compare them
-#      with their PyTorch references (tests/test_kernels_*.py and the other
+#      with their PyTorch references (tests/kernels/test_kernels_*.py and the other
 #      vLLM-free tests listed in TEST_FILES, one pytest process per file, in parallel);
 #   2. scripts/gpu_step_check.py runs HeadKV steps (prefills, decodes, a recomputed
 #      request) through the compute core on the device and checks them against the
