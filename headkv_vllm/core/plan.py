@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from headkv_vllm.method.bounded import BoundedCache
 from headkv_vllm.method.budgets import BudgetRule, Budgets
 
 
@@ -150,20 +151,19 @@ class KeptTable:
     def __init__(self, budgets: Budgets, rule: BudgetRule | None = None):
         self.budgets = budgets
         self.rule = rule
-        self._by_len: dict[tuple, torch.Tensor] = {}
+        # (KV size, prompt length) -> its rows; remade, not reordered, past the bound
+        self._by_len: BoundedCache[tuple, torch.Tensor] = BoundedCache(self.MAX_PROMPT_LENGTHS, restart=True)
         self._last: tuple[tuple, torch.Tensor] | None = None
 
-    MAX_PROMPT_LENGTHS = 4096  # cached rows ([L, Hkv] each) before the cache restarts
+    MAX_PROMPT_LENGTHS = 4096  # cached rows ([L, Hkv] each)
 
     def one(self, prompt_len: int, kv_size: int | str | None = None) -> torch.Tensor:
         if self.rule is None:
             kv_size = None
         t = self._by_len.get((kv_size, prompt_len))
         if t is None:
-            if len(self._by_len) >= self.MAX_PROMPT_LENGTHS:
-                self._by_len.clear()
             budgets = self.budgets if kv_size is None else self.rule.budgets(kv_size)
-            t = self._by_len[(kv_size, prompt_len)] = torch.tensor(budgets.kept(prompt_len), dtype=torch.int32)
+            t = self._by_len.put((kv_size, prompt_len), torch.tensor(budgets.kept(prompt_len), dtype=torch.int32))
         return t
 
     def rows(self, prompt_lens: list[int], kv_sizes: tuple | None = None) -> torch.Tensor:

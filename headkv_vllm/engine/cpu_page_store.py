@@ -22,6 +22,7 @@ import torch
 from headkv_vllm.core.plan import PrefillPlan, StepPlan
 from headkv_vllm.engine.compat import cpu_attention, cpu_attention_isa, cpu_attention_schedule, cpu_cache_write
 from headkv_vllm.kernels.select_store import select_sources
+from headkv_vllm.method.bounded import BoundedCache
 from headkv_vllm.method.layout import page_positions
 
 
@@ -74,8 +75,9 @@ class CpuPageStore:
         self.isa = cpu_attention_isa(dtype, block_size, head_size)
         self.attend_prompts = CpuPromptAttention(dtype, head_size, num_heads, num_kv_heads)
         self._positions: tuple[tuple, torch.Tensor] | None = None
-        self._by_prompt: dict[tuple, torch.Tensor] = {}  # (prompt length, own KV size) -> positions
-        self._cached = 0  # entries held in _by_prompt
+        # (prompt length, own KV size) -> positions, bounded by the int32 entries they hold
+        self._by_prompt: BoundedCache[tuple, torch.Tensor] = BoundedCache(self.MAX_CACHED_POSITIONS,
+                                                                          weight=torch.Tensor.numel)
 
     def _page_positions(self, plan: StepPlan, row_width: int) -> torch.Tensor:
         """[L, R, Hkv, J] block-table position of each head page, for all layers.
@@ -102,15 +104,10 @@ class CpuPageStore:
 
     def _positions_of(self, key: tuple, row: int, plan: StepPlan, reach: int) -> torch.Tensor:
         """[L, Hkv, >= reach] int32 positions of a request with this (prompt length, KV size) (cached)."""
-        pos = self._by_prompt.pop(key, None)
+        pos = self._by_prompt.get(key)
         if pos is None or pos.shape[2] < reach:
-            if pos is not None:
-                self._cached -= pos.numel()
-            pos = page_positions(plan.kept_host[:, row].long(), self.block_size, reach).to(torch.int32)
-            self._cached += pos.numel()
-            while self._by_prompt and self._cached > self.MAX_CACHED_POSITIONS:
-                self._cached -= self._by_prompt.pop(next(iter(self._by_prompt))).numel()
-        self._by_prompt[key] = pos  # (re)inserted last: the most recently used
+            pos = self._by_prompt.put(key, page_positions(plan.kept_host[:, row].long(), self.block_size,
+                                                          reach).to(torch.int32))
         return pos
 
     def _sequences(self, lengths: torch.Tensor, head_blocks: torch.Tensor) -> HeadSequences:

@@ -11,8 +11,8 @@ page needs without hearing from the worker. See docs/kv_layout.md.
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 
+from headkv_vllm.method.bounded import BoundedCache
 from headkv_vllm.method.budgets import BudgetRule, Budgets
 from headkv_vllm.method.request_settings import request_kv_size
 from headkv_vllm.method.layout import PageCounter, num_head_pages, row_offset, uncompressed_pages
@@ -134,10 +134,11 @@ class HeadKVManager(SingleTypeKVCacheManager):
         # The scheduler's requests by id (engine.compat hands them over once the scheduler
         # is built): a request's own KV size is in its sampling params.
         self.requests: dict | None = None
-        self.counters: OrderedDict[int | str | None, PageCounter] = OrderedDict()
+        self.server_counter = self._page_counter(None)
+        # Page counters of requests' own KV sizes (least recently used dropped beyond), each
+        # with fewer cached tables than the server size's: clients choose the sizes.
+        self.own_counters: BoundedCache[int | str, PageCounter] = BoundedCache(self.MAX_OWN_SIZES)
 
-    # Page counters of requests' own KV sizes kept (least recently used dropped beyond),
-    # each with fewer cached tables than the server size's: clients choose the sizes.
     MAX_OWN_SIZES = 64
     OWN_SIZE_TABLES = 256
 
@@ -148,18 +149,16 @@ class HeadKVManager(SingleTypeKVCacheManager):
                                "(engine.compat patch 7); the scheduler class must run vLLM's Scheduler.__init__.")
         params = getattr(self.requests.get(request_id), "sampling_params", None)
         kv_size = request_kv_size(params.extra_args) if params is not None else None
-        counter = self.counters.get(kv_size)
+        if kv_size is None:
+            return self.server_counter
+        counter = self.own_counters.get(kv_size)
         if counter is None:
-            budgets, layer = self.kv_cache_spec.budgets_for(kv_size), self.kv_cache_spec.layer_index
-            counter = self.counters[kv_size] = PageCounter(
-                lambda n: budgets.kept(n)[layer], self.block_size,
-                *(() if kv_size is None else (self.OWN_SIZE_TABLES,)))
-            if len(self.counters) > self.MAX_OWN_SIZES + 1:
-                oldest = next(k for k in self.counters if k is not None)
-                del self.counters[oldest]
-        elif kv_size is not None:
-            self.counters.move_to_end(kv_size)
+            counter = self.own_counters.put(kv_size, self._page_counter(kv_size, self.OWN_SIZE_TABLES))
         return counter
+
+    def _page_counter(self, kv_size: int | str | None, *max_tables: int) -> PageCounter:
+        budgets, layer = self.kv_cache_spec.budgets_for(kv_size), self.kv_cache_spec.layer_index
+        return PageCounter(lambda n: budgets.kept(n)[layer], self.block_size, *max_tables)
 
     def _pages(self, request_id: str, num_tokens: int) -> int:
         # Before the first real allocation of a fresh request, num_tokens == prompt length.

@@ -19,9 +19,8 @@ computes them (``Budgets.kept``).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from headkv_vllm.engine.compat import BACKEND_NAME, StatLoggerBase, selected_backend_name
+from headkv_vllm.method.bounded import BoundedCache
 
 KEPT_SHARE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 0.9, 1.0)
 MAX_NOTED = 65536  # requests' own KV sizes remembered (least recently noted dropped beyond)
@@ -29,17 +28,14 @@ MAX_NOTED = 65536  # requests' own KV sizes remembered (least recently noted dro
 # External request id -> its own KV size, noted as the request arrives (engine.compat
 # patch 6). Read, not removed, when the request finishes: the children of an n > 1
 # request share their parent's id, and an aborted request reports no finish.
-_request_kv_sizes: "OrderedDict[str, int | str]" = OrderedDict()
+_request_kv_sizes: BoundedCache[str, int | str] = BoundedCache(MAX_NOTED)
 _series: dict | None = None  # one set per process, shared by the loggers of every engine
 
 
 def note_request_kv_size(request_id: str, kv_size) -> None:
-    _request_kv_sizes.pop(request_id, None)
-    if kv_size is None:
-        return
-    _request_kv_sizes[request_id] = kv_size
-    while len(_request_kv_sizes) > MAX_NOTED:
-        _request_kv_sizes.popitem(last=False)
+    _request_kv_sizes.pop(request_id)
+    if kv_size is not None:
+        _request_kv_sizes.put(request_id, kv_size)
 
 
 def _made() -> dict:
@@ -97,7 +93,7 @@ class HeadKVStatLogger(StatLoggerBase):
             n = done.num_prompt_tokens
             if not n or not done.num_generation_tokens:  # never prefilled (aborted while waiting)
                 continue
-            kept = self.rule.budgets(_request_kv_sizes.get(done.request_id)).kept(n)
+            kept = self.rule.budgets(_request_kv_sizes.peek(done.request_id)).kept(n)
             mean = sum(map(sum, kept)) / (self.rule.num_layers * self.rule.num_kv_heads)
             m["prompt"].labels(*self.labels).inc(n)
             m["kept"].labels(*self.labels).inc(mean)

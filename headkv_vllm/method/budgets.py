@@ -17,6 +17,8 @@ import math
 from fractions import Fraction
 from functools import lru_cache
 
+from headkv_vllm.method.bounded import BoundedCache
+
 POLICIES = {  # name -> how its budgets are spread over the heads
     "headkv": "per-head budgets from head scores",
     "snapkv": "uniform",
@@ -84,9 +86,11 @@ class BudgetRule:
     # (kv_size, beta) from the score file's calibration: each KV size takes the beta of
     # the calibrated size nearest to it in ratio (ties: the smaller); empty: ``beta``.
     betas: tuple[tuple[int, float], ...] = ()
-    _made: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+    # Budget tables made so far, by KV size (clients choose the sizes: least recently used dropped beyond).
+    _made: BoundedCache = dataclasses.field(default_factory=lambda: BoundedCache(BudgetRule.MAX_CACHED),
+                                            compare=False, hash=False, repr=False)
 
-    MAX_CACHED = 256  # budget tables kept (one per KV size asked for) before the cache restarts
+    MAX_CACHED = 256
 
     @classmethod
     def from_config(cls, config, num_layers: int, num_kv_heads: int, scores=None, betas=()) -> "BudgetRule":
@@ -102,17 +106,15 @@ class BudgetRule:
     def budgets(self, kv_size: int | str | None = None) -> "Budgets":
         """The budgets of ``kv_size`` (None: the server's)."""
         key = self.kv_size if kv_size is None else kv_size
-        made = self._made.pop(key, None)
+        made = self._made.get(key)
         if made is None:
-            if len(self._made) >= self.MAX_CACHED:
-                del self._made[next(iter(self._made))]  # the least recently used
             if key == FULL:
                 caps = ((_FULL_CAP,) * self.num_kv_heads,) * self.num_layers
                 made = Budgets(caps, self.window, self.redistribute)
             else:
                 made = policy_budgets(dataclasses.replace(self, kv_size=key, beta=self.beta_for(key)),
                                       self.num_layers, self.num_kv_heads, self.scores)
-        self._made[key] = made  # (re)inserted last: most recently used
+            self._made.put(key, made)
         return made
 
 

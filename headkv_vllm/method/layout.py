@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from headkv_vllm.method.bounded import BoundedCache
+
 
 def head_lengths(kept: tuple[int, ...], prompt_len: int, num_tokens: int) -> list[int]:
     """Tokens each KV head of a layer holds once ``num_tokens`` tokens are computed.
@@ -49,8 +51,8 @@ class PageCounter:
     def __init__(self, kept_of, block_size: int, max_tables: int = MAX_PROMPT_LENGTHS):
         self.kept_of = kept_of  # prompt length -> tuple of the layer's kept tokens per head
         self.block_size = block_size
-        self.max_tables = max_tables
-        self._tables: dict[int, tuple[int, int, list[int]]] = {}
+        # prompt length -> its table; remade, not reordered, past the bound (looked up on every count)
+        self._tables: BoundedCache[int, tuple[int, int, list[int]]] = BoundedCache(max_tables, restart=True)
 
     def row_entries(self, prompt_len: int, num_tokens: int, chunked: bool) -> int:
         """Block-table entries of a request, null entries included (docs/kv_layout.md,
@@ -78,10 +80,7 @@ class PageCounter:
         kept = [min(k, prompt_len) for k in self.kept_of(prompt_len)]
         whole = sum(k // bs for k in kept)
         last = [sum(-(-(k % bs + s) // bs) for k in kept) for s in range(bs)]
-        if len(self._tables) >= self.max_tables:
-            self._tables.clear()
-        table = self._tables[prompt_len] = (whole, len(kept), last)
-        return table
+        return self._tables.put(prompt_len, (whole, len(kept), last))
 
 
 def page_positions(kept: torch.Tensor, block_size: int, max_pages: int) -> torch.Tensor:

@@ -127,7 +127,8 @@ def test_cpu_store_positions_cache_is_bounded(monkeypatch):
     monkeypatch.setattr(CpuPageStore, "MAX_CACHED_POSITIONS", 1)
     small = CpuPageStore(torch.float32, BS, D, HQ, HKV)
     tight = run(small, Scenario(REQUESTS), steps)
-    assert len(small._by_prompt) == 1 and small._cached == small._by_prompt[next(iter(small._by_prompt))].numel()
+    (key,) = small._by_prompt
+    assert small._by_prompt.total == small._by_prompt.peek(key).numel()
     for s in range(steps):
         for layer in range(LAYERS):
             torch.testing.assert_close(tight[s][layer], full[s][layer], atol=0, rtol=0)
@@ -139,11 +140,11 @@ def test_cpu_store_positions_cache_drops_the_least_recently_used(monkeypatch):
     store = CpuPageStore(torch.float32, BS, D, HQ, HKV)
     plan = types.SimpleNamespace(kept_host=torch.full((LAYERS, 3, HKV), 40, dtype=torch.int32))
     one = store._positions_of((100, None), 0, plan, 4).numel()
-    monkeypatch.setattr(CpuPageStore, "MAX_CACHED_POSITIONS", 2 * one)
+    monkeypatch.setattr(store._by_prompt, "capacity", 2 * one)
     store._positions_of((200, None), 1, plan, 4)
     store._positions_of((100, None), 0, plan, 4)  # used again: now the most recent
     store._positions_of((300, 64), 2, plan, 4)  # over the bound: (200, None) goes
-    assert list(store._by_prompt) == [(100, None), (300, 64)] and store._cached == 2 * one
+    assert list(store._by_prompt) == [(100, None), (300, 64)] and store._by_prompt.total == 2 * one
 
 
 def test_decode_equals_attention_over_the_kept_tokens():
