@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group (see ``plugin.register``)."""
+    # Imported when vLLM calls it: importing the package must not load vLLM.
     from headkv_vllm.engine.plugin import register as _register
 
     _register()

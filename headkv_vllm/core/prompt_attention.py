@@ -6,7 +6,7 @@ The step's prompts come packed: ``q [M, Hq, d]``, prompt i's queries in rows
 a chunk's keys start with its earlier chunks', so its queries are the last rows of its
 keys (causal, aligned at the end). Page
 stores pick the implementation: vLLM's variable-length flash attention on CUDA
-(``engine.compat.flash_prefill_attention``), vLLM's CPU attention op on the CPU
+(``engine.vllm_access.flash_prefill_attention``), vLLM's CPU attention op on the CPU
 (``engine.cpu_page_store``), ``sdpa_prefill`` otherwise.
 """
 

@@ -20,7 +20,10 @@ import torch
 from headkv_vllm.core.attention import HeadAttention, LayerStep
 from headkv_vllm.core.page_store import BlockTablePageStore, PageStore
 from headkv_vllm.core.prompt_attention import sdpa_prefill
-from headkv_vllm.engine.compat import (
+from headkv_vllm.engine.cpu_page_store import CpuPageStore
+from headkv_vllm.engine.kv_spec import HeadKVSpec
+from headkv_vllm.engine.step_planner import StepPlanner
+from headkv_vllm.engine.vllm_access import (
     BACKEND_NAME,
     AttentionBackend,
     AttentionCGSupport,
@@ -32,16 +35,12 @@ from headkv_vllm.engine.compat import (
     flash_prefill_attention,
     get_current_vllm_config,
 )
-from headkv_vllm.engine.cpu_page_store import CpuPageStore
-from headkv_vllm.engine.kv_spec import HeadKVSpec
-from headkv_vllm.engine.step_planner import StepPlanner
+from headkv_vllm.method.config import HeadKVConfig
 
 
 def choose_page_store(vllm_config, kv_cache_spec, device) -> PageStore:
     """The block-table store on CUDA (or when the ``page_store`` setting says
     ``block-table`` or ``block-table-triton``), vLLM's CPU ops on the CPU."""
-    from headkv_vllm.method.config import HeadKVConfig
-
     config = HeadKVConfig.from_additional_config(vllm_config.additional_config)
     bs, head_size, model = kv_cache_spec.block_size, kv_cache_spec.head_size, vllm_config.model_config
     if torch.device(device).type != "cpu" or config.page_store != "auto":
@@ -73,7 +72,7 @@ class HeadKVMetadataBuilder(AttentionMetadataBuilder[LayerStep]):
         if not isinstance(kv_cache_spec, HeadKVSpec):
             raise RuntimeError(
                 f"HEADKV layers {layer_names} got a {type(kv_cache_spec).__name__}: a KV cache was built from "
-                "specs that did not pass through HeadKVWorker (engine.compat patch 5b).")
+                "specs that did not pass through HeadKVWorker (engine.vllm_patches patch 6).")
         self.layer = kv_cache_spec.layer_index
         self.planner: StepPlanner | None = None
         self.store: PageStore | None = None
@@ -109,8 +108,6 @@ class HeadKVImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = None
-        from headkv_vllm.method.config import HeadKVConfig
-
         config = HeadKVConfig.from_additional_config(get_current_vllm_config().additional_config)
         self.attention = HeadAttention(num_heads, num_kv_heads, head_size, self.scale, config.pool_kernel)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from headkv_vllm.core.plan import PrefillPlan, StepPlan
-from headkv_vllm.engine.compat import cpu_attention, cpu_attention_isa, cpu_attention_schedule, cpu_cache_write
+from headkv_vllm.engine.vllm_access import cpu_attention, cpu_attention_isa, cpu_attention_schedule, cpu_cache_write
 from headkv_vllm.kernels.select_store import select_sources
 from headkv_vllm.method.bounded import BoundedCache
 from headkv_vllm.method.layout import page_positions

@@ -16,14 +16,13 @@ from headkv_vllm.method.bounded import BoundedCache
 from headkv_vllm.method.budgets import BudgetRule, Budgets
 from headkv_vllm.method.request_settings import request_kv_size
 from headkv_vllm.method.layout import PageCounter, num_head_pages, row_offset, uncompressed_pages
-from headkv_vllm.engine.compat import (
+from headkv_vllm.engine.vllm_access import (
     AttentionSpec,
     FullAttentionSpec,
     SingleTypeKVCacheManager,
     block_table_width,
     cdiv,
     extract_layer_index,
-    register_kv_cache_spec,
 )
 
 
@@ -131,7 +130,7 @@ class HeadKVManager(SingleTypeKVCacheManager):
         super().__init__(kv_cache_spec, **kwargs)
         self.prompt_len: dict[str, int] = {}
         self.chunked: set[str] = set()  # requests whose prompt is (was) prefilled in chunks
-        # The scheduler's requests by id (engine.compat hands them over once the scheduler
+        # The scheduler's requests by id (engine.vllm_patches hands them over once the scheduler
         # is built): a request's own KV size is in its sampling params.
         self.requests: dict | None = None
         self.server_counter = self._page_counter(None)
@@ -146,7 +145,7 @@ class HeadKVManager(SingleTypeKVCacheManager):
         """Page counts of the request's own budgets."""
         if self.requests is None:
             raise RuntimeError("HeadKV: the scheduler did not hand its requests to the KV-cache manager "
-                               "(engine.compat patch 7); the scheduler class must run vLLM's Scheduler.__init__.")
+                               "(engine.vllm_patches patch 8); the scheduler class must run vLLM's Scheduler.__init__.")
         params = getattr(self.requests.get(request_id), "sampling_params", None)
         kv_size = request_kv_size(params.extra_args) if params is not None else None
         if kv_size is None:
@@ -216,7 +215,3 @@ class HeadKVManager(SingleTypeKVCacheManager):
     @classmethod
     def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, *args, **kwargs):
         return tuple([] for _ in kv_cache_group_ids), 0
-
-
-def register_head_spec() -> None:
-    register_kv_cache_spec(HeadKVSpec, HeadKVManager)

@@ -19,14 +19,17 @@ computes them (``Budgets.kept``).
 
 from __future__ import annotations
 
-from headkv_vllm.engine.compat import BACKEND_NAME, StatLoggerBase, selected_backend_name
+from prometheus_client import Counter, Gauge, Histogram
+
+from headkv_vllm.engine.settings import headkv_from_vllm_config
+from headkv_vllm.engine.vllm_access import BACKEND_NAME, StatLoggerBase, selected_backend_name
 from headkv_vllm.method.bounded import BoundedCache
 
 KEPT_SHARE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 0.9, 1.0)
 MAX_NOTED = 65536  # requests' own KV sizes remembered (least recently noted dropped beyond)
 
-# External request id -> its own KV size, noted as the request arrives (engine.compat
-# patch 6). Read, not removed, when the request finishes: the children of an n > 1
+# External request id -> its own KV size, noted as the request arrives (engine.vllm_patches
+# patch 7). Read, not removed, when the request finishes: the children of an n > 1
 # request share their parent's id, and an aborted request reports no finish.
 _request_kv_sizes: BoundedCache[str, int | str] = BoundedCache(MAX_NOTED)
 _series: dict | None = None  # one set per process, shared by the loggers of every engine
@@ -43,8 +46,6 @@ def _made() -> dict:
     plugins' loggers, unregisters every 'vllm:' collector when it starts."""
     global _series
     if _series is None:
-        from prometheus_client import Counter, Gauge, Histogram
-
         names = ["model_name", "engine"]
         gauge = lambda name, doc: Gauge(name, doc, labelnames=names, multiprocess_mode="mostrecent")
         _series = {
@@ -70,8 +71,6 @@ class HeadKVStatLogger(StatLoggerBase):
         self.labels = [vllm_config.model_config.served_model_name, str(engine_index)]
         self.rule = None
         if selected_backend_name(vllm_config) == BACKEND_NAME:
-            from headkv_vllm.engine.settings import headkv_from_vllm_config
-
             _, self.rule, _ = headkv_from_vllm_config(vllm_config)
 
     def pool_pages(self) -> int:

@@ -1,12 +1,28 @@
 """vLLM general plugin: registers the HEADKV attention backend.
 
 vLLM calls :func:`register` in every process (API server, engine core, workers),
-possibly several times; it is idempotent and imports vLLM only when called.
+possibly several times; it is idempotent. vLLM's entry point, ``headkv_vllm.register``,
+imports this module (and with it vLLM) only when vLLM calls it.
 """
 
 from __future__ import annotations
 
 import sys
+
+from headkv_vllm.engine import vllm_patches
+from headkv_vllm.engine.kv_spec import HeadKVManager, HeadKVSpec
+from headkv_vllm.engine.metrics import note_request_kv_size
+from headkv_vllm.engine.settings import apply_engine_settings, headkv_from_vllm_config, served_window
+from headkv_vllm.engine.vllm_access import (
+    BACKEND_NAME,
+    SUPPORTED_VLLM,
+    AttentionBackendEnum,
+    logger,
+    selected_backend_name,
+    vllm_version,
+)
+from headkv_vllm.method import request_settings
+from headkv_vllm.method.config import HeadKVConfigError
 
 BACKEND_PATH = "headkv_vllm.engine.backend.HeadKVBackend"
 
@@ -14,8 +30,6 @@ _registered = False
 
 
 def check_vllm_version(version: str) -> None:
-    from headkv_vllm.engine.compat import SUPPORTED_VLLM
-
     if not version.startswith(SUPPORTED_VLLM):
         raise RuntimeError(
             f"headkv-vllm is written against vLLM {SUPPORTED_VLLM}x but vLLM {version} is installed. "
@@ -25,33 +39,32 @@ def check_vllm_version(version: str) -> None:
 
 
 def register() -> None:
+    """Applies vLLM patches 1-8 (``engine.vllm_patches``)."""
     global _registered
     if _registered:
         return
-    from headkv_vllm.engine import compat
-
-    check_vllm_version(compat.vllm_version())
-    compat.register_backend_member(BACKEND_PATH)
-    compat.route_cpu_platform_to(BACKEND_PATH)
-    compat.wrap_check_and_update_config(on_engine_config)
-    compat.keep_headkv_on_v1_runner()
-    from headkv_vllm.engine.kv_spec import register_head_spec
-
-    register_head_spec()
-    compat.validate_request_settings(check_request_settings)
-    compat.give_managers_the_requests()
+    check_vllm_version(vllm_version())
+    vllm_patches.register_backend_member(BACKEND_PATH, unpickle_backend_member)
+    vllm_patches.route_cpu_platform_to(BACKEND_PATH)
+    vllm_patches.wrap_check_and_update_config(on_engine_config)
+    vllm_patches.keep_headkv_on_v1_runner()
+    vllm_patches.register_kv_cache_spec(HeadKVSpec, HeadKVManager)
+    vllm_patches.validate_request_settings(check_request_settings)
+    vllm_patches.give_managers_the_requests()
     install_config_error_hook()
     _registered = True
 
 
-def check_request_settings(vllm_config, request_id: str, sampling_params) -> None:
-    """A request's ``headkv_*`` extra args, checked as it arrives (engine.compat patch 6);
-    its own KV size is noted for the metrics."""
-    from headkv_vllm.engine.compat import BACKEND_NAME, selected_backend_name
-    from headkv_vllm.engine.metrics import note_request_kv_size
-    from headkv_vllm.engine.settings import served_window
-    from headkv_vllm.method import request_settings
+def unpickle_backend_member(name: str) -> AttentionBackendEnum:
+    """How ``AttentionBackendEnum.HEADKV`` unpickles (patch 1): a spawned process may
+    unpickle the engine config before vLLM has loaded its plugins."""
+    register()
+    return AttentionBackendEnum[name]
 
+
+def check_request_settings(vllm_config, request_id: str, sampling_params) -> None:
+    """A request's ``headkv_*`` extra args, checked as it arrives (``vllm_patches`` patch 7);
+    its own KV size is noted for the metrics."""
     extra = sampling_params.extra_args
     if not any(str(k).startswith(request_settings.PREFIX) for k in extra or ()):
         note_request_kv_size(request_id, None)  # a reused request id forgets an earlier size
@@ -66,8 +79,6 @@ def check_request_settings(vllm_config, request_id: str, sampling_params) -> Non
 def config_error(exc: BaseException | None):
     """The ``HeadKVConfigError`` behind ``exc``: itself, one it was raised from, or the
     one vLLM's config validation (pydantic) wrapped; None if there is none."""
-    from headkv_vllm.method.config import HeadKVConfigError
-
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -103,10 +114,7 @@ def install_config_error_hook() -> None:
 
 
 def on_engine_config(vllm_config) -> None:
-    """Runs once, in the first process, while the engine config is finalised."""
-    from headkv_vllm.engine.settings import apply_engine_settings, headkv_from_vllm_config
-    from headkv_vllm.engine.compat import BACKEND_NAME, logger, selected_backend_name
-
+    """Runs once, in the first process, while the engine config is finalised (patch 3)."""
     if selected_backend_name(vllm_config) != BACKEND_NAME:
         return
     # Bad settings or score files fail here, before the engine starts.

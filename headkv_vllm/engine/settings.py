@@ -89,21 +89,22 @@ _SERVED_WINDOW: dict[int, tuple] = {}  # id -> (the config, kept alive so that i
 
 def apply_engine_settings(vllm_config, config: HeadKVConfig, logger) -> None:
     """Engine options HeadKV needs; each change is logged with its reason."""
-    from headkv_vllm.engine import compat
+    # Here, not at the top: the tools read budgets through this module without loading vLLM.
+    from headkv_vllm.engine import vllm_access
 
     sched, cache, par = vllm_config.scheduler_config, vllm_config.cache_config, vllm_config.parallel_config
-    too_parallel = {k: v for k, v in compat.parallel_sizes(vllm_config).items() if v > 1}
+    too_parallel = {k: v for k, v in vllm_access.parallel_sizes(vllm_config).items() if v > 1}
     if too_parallel:
         opts = ", ".join(f"{k} {v}" for k, v in too_parallel.items())
         raise HeadKVConfigError(
             f"{opts}: HeadKV runs on one GPU per model replica for now (its head budgets and page "
             f"accounting are not split across ranks yet). Remove {', '.join(too_parallel)}.")
-    if compat.uses_v2_model_runner(vllm_config):
+    if vllm_access.uses_v2_model_runner(vllm_config):
         raise HeadKVConfigError(
             "Model Runner V2 is selected (VLLM_USE_V2_MODEL_RUNNER=1, or a feature that needs V2 such as "
             "HiSparse or watermarking): HeadKV runs on Model Runner V1 (it reads V1's input batch). Unset "
             "VLLM_USE_V2_MODEL_RUNNER and drop V2-only features; vLLM then picks V1 for HEADKV by itself.")
-    if config.page_store == "block-table-triton" and compat.current_platform.is_cpu() \
+    if config.page_store == "block-table-triton" and vllm_access.current_platform.is_cpu() \
             and os.environ.get("TRITON_INTERPRET") != "1":
         raise HeadKVConfigError(
             f"{config.source} key '{CONFIG_KEY}' setting 'page_store' is 'block-table-triton': on the CPU "
@@ -130,7 +131,7 @@ def apply_engine_settings(vllm_config, config: HeadKVConfig, logger) -> None:
         logger.info("HeadKV: chunked prefill off (as configured): each prompt is prefilled and compressed in one step.")
     if not cache.user_specified_block_size:
         cache.block_size = DEFAULT_BLOCK_SIZE
-    if par.worker_cls in ("auto", _qualname(compat.platform_worker_cls())):
+    if par.worker_cls in ("auto", _qualname(vllm_access.platform_worker_cls())):
         par.worker_cls = WORKER_CLS
     elif par.worker_cls != WORKER_CLS:
         raise HeadKVConfigError(

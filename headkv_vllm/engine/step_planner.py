@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from headkv_vllm.core.plan import KeptTable, StepInputs, StepPlan, WindowStash, build_step_plan
-from headkv_vllm.engine.compat import (
+from headkv_vllm.engine.vllm_access import (
     CommonAttentionMetadata,
     block_table_row_counts,
     head_kv_group_layers,

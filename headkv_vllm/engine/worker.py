@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from headkv_vllm.engine.settings import headkv_from_vllm_config
+from headkv_vllm.engine.backend import HeadKVMetadataBuilder, choose_page_store
 from headkv_vllm.engine.kv_spec import block_table_bytes, to_head_specs
+from headkv_vllm.engine.settings import headkv_from_vllm_config
 from headkv_vllm.engine.step_planner import StepPlanner
-from headkv_vllm.engine.compat import (
+from headkv_vllm.engine.vllm_access import (
     kv_cache_group_sizes,
     kv_cache_tensor_offsets,
     logger,
     metadata_builders,
     platform_worker_cls,
-    wrap_runner_kv_cache_spec,
 )
+from headkv_vllm.engine.vllm_patches import wrap_runner_kv_cache_spec
 
 
 class HeadKVWorker(platform_worker_cls()):
@@ -21,7 +22,7 @@ class HeadKVWorker(platform_worker_cls()):
         self._headkv_config, self._rule, self._budget_origin = headkv_from_vllm_config(self.vllm_config)
         self._budgets = self._rule.budgets()
         # Every KV cache vLLM builds from this runner (the CUDA-graph memory profile's
-        # included) gets head-page specs.
+        # included) gets head-page specs (vllm_patches patch 6).
         sched = self.vllm_config.scheduler_config
         chunk_tokens = sched.max_num_batched_tokens if sched.enable_chunked_prefill else 0
         wrap_runner_kv_cache_spec(self.model_runner, lambda specs: to_head_specs(specs, self._budgets, chunk_tokens, self._rule))
@@ -43,8 +44,6 @@ class HeadKVWorker(platform_worker_cls()):
         if kv_cache_tensor_offsets(kv_cache_config) != {0}:
             raise RuntimeError("HeadKV needs every layer's pages to alias one pool (all tensors at offset 0).")
         super().initialize_from_config(kv_cache_config)
-        from headkv_vllm.engine.backend import HeadKVMetadataBuilder, choose_page_store
-
         # One plan per step and one page store for all layers' builders.
         builders = [b for b in metadata_builders(self.model_runner) if isinstance(b, HeadKVMetadataBuilder)]
         first = builders[0]

@@ -10,7 +10,7 @@ import torch
 from headkv_vllm.kernels.paged_decode import paged_decode_ref
 from headkv_vllm.core.plan import KeptTable, StepInputs, build_step_plan
 from headkv_vllm.core.prompt_attention import sdpa_prefill
-from headkv_vllm.engine.compat import cpu_attention_isa, cpu_attention_schedule
+from headkv_vllm.engine.vllm_access import cpu_attention_isa, cpu_attention_schedule
 from headkv_vllm.engine.cpu_page_store import CpuPromptAttention, HeadSequences, attend_head_pages, store_tokens
 from headkv_vllm.method.budgets import Budgets
 

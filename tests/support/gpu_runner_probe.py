@@ -26,6 +26,32 @@ import sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker lives in this process
 
 
+def block_table_device_bytes(model_runner) -> int:
+    """Bytes of the runner's block tables on the device, all KV-cache groups."""
+    tables = model_runner.input_batch.block_table.block_tables
+    return sum(t.block_table.gpu.numel() * t.block_table.gpu.element_size() for t in tables)
+
+
+def init_profiling_kv_cache(model_runner) -> None:
+    """What the CUDA-graph memory profile builds first: a minimal KV cache from the
+    runner's specs (``GPUModelRunner.profile_cudagraph_memory``)."""
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(model_runner.vllm_config):
+        model_runner._init_minimal_kv_cache_for_profiling()
+
+
+def dummy_run(model_runner, num_tokens: int, uniform_decode: bool = False, mixed: bool = False) -> None:
+    """A dummy batch as vLLM's warm-ups and graph captures run it, with attention metadata
+    built (``force_attention``: vLLM does it for full CUDA graphs and some kernel warm-ups,
+    neither of which reaches HEADKV, whose builder declares no graph support)."""
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(model_runner.vllm_config):
+        model_runner._dummy_run(num_tokens, force_attention=True, uniform_decode=uniform_decode,
+                                create_mixed_batch=mixed, skip_eplb=True, is_profile=True)
+
+
 def generate(llm, prompts, sampling):
     from vllm import SamplingParams
 
@@ -37,7 +63,7 @@ def main() -> None:
     spec = json.loads(sys.stdin.read())
     from vllm import LLM
 
-    from headkv_vllm.engine import compat
+    from headkv_vllm.engine.vllm_access import metadata_builders
 
     llm = LLM(**spec["engine"])
     before = generate(llm, spec["prompts"], spec["sampling"])
@@ -46,20 +72,20 @@ def main() -> None:
     real_config = runner.kv_cache_config
     from headkv_vllm.engine.kv_spec import block_table_bytes
 
-    tables = {"allocated": compat.block_table_device_bytes(runner),
+    tables = {"allocated": block_table_device_bytes(runner),
               "counted": block_table_bytes(runner.get_kv_cache_spec(), runner.vllm_config)}
     runner._cleanup_profiling_kv_cache()  # back to the state before any KV cache, where vLLM profiles
 
     # On CUDA vLLM sets the largest graph size (default 2 x max_num_seqs, at most 512);
     # without graphs it is None. The minimal cache has that many pages.
     runner.compilation_config.max_cudagraph_capture_size = 2 * runner.max_num_reqs
-    compat.init_profiling_kv_cache(runner)
+    init_profiling_kv_cache(runner)
     groups = runner.kv_cache_config.kv_cache_groups
-    builders = list(compat.metadata_builders(runner))
+    builders = list(metadata_builders(runner))
     pool = runner.kv_caches[0]  # every layer's view of the one pool
     snapshot = pool.clone()
     for kwargs in (dict(num_tokens=4, uniform_decode=True), dict(num_tokens=16, mixed=True), dict(num_tokens=32)):
-        compat.dummy_run(runner, **kwargs)
+        dummy_run(runner, **kwargs)
     changed = (pool != snapshot).flatten(1).any(dim=1).nonzero().flatten().tolist()
     plans = sum(b.planner.builds for b in builders[:1] if b.planner is not None)
     result = {

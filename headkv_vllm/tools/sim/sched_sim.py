@@ -197,17 +197,13 @@ def _engine_args(shape: ModelShape, variant: str, model_dir: str, spec: dict) ->
                 additional_config={"headkv": {"policy": "snapkv", "kv_size": spec["kv_size"], "window": WINDOW}})
 
 
-def _layer_specs(shape: ModelShape, variant: str, kv_size: int, chunk_tokens: int) -> tuple[dict, object]:
-    import torch
-
-    from headkv_vllm.engine.compat import FullAttentionSpec
+def _layer_specs(sim, shape: ModelShape, variant: str, kv_size: int, chunk_tokens: int) -> tuple[dict, object]:
+    # In the measuring process only (see run_one).
     from headkv_vllm.engine.kv_spec import to_head_specs
     from headkv_vllm.method.budgets import Budgets, snapkv_caps
 
     heads = shape.kv_heads_per_rank
-    specs = {f"model.layers.{i}.self_attn.attn": FullAttentionSpec(
-        block_size=16, num_kv_heads=heads, head_size=shape.head_dim, dtype=torch.bfloat16)
-        for i in range(shape.num_layers)}
+    specs = sim.full_attention_specs(shape.num_layers, heads, shape.head_dim)
     if variant != "headkv":
         return specs, None
     caps = snapkv_caps(shape.num_layers, heads, kv_size, WINDOW)
@@ -226,8 +222,9 @@ def _quantiles(values: list[float]) -> dict:
 
 def run_one(spec: dict) -> dict:
     """Build one scheduler and run every request count on it; returns the result record."""
+    # vLLM and torch load in the process that measures, not in the parent that only starts it.
     import headkv_vllm
-    from headkv_vllm.engine import compat
+    from headkv_vllm.tools.sim import vllm_sim as sim
 
     shape = MODELS[spec["model"]]
     variant = spec["variant"]
@@ -236,31 +233,31 @@ def run_one(spec: dict) -> dict:
         model_dir = Path(tmp) / shape.hf_name
         model_dir.mkdir()
         (model_dir / "config.json").write_text(json.dumps(shape.hf_config()))
-        vllm_config = compat.engine_config(**_engine_args(shape, variant, str(model_dir), spec))
-    layer_specs, budgets = _layer_specs(shape, variant, spec["kv_size"], spec["max_num_batched_tokens"])
+        vllm_config = sim.engine_config(**_engine_args(shape, variant, str(model_dir), spec))
+    layer_specs, budgets = _layer_specs(sim, shape, variant, spec["kv_size"], spec["max_num_batched_tokens"])
     page = next(iter(layer_specs.values())).page_size_bytes
     pool_bytes = spec["kv_cache_bytes"]
 
-    backend_cls = _backend_cls(compat, variant)
+    backend_cls = _backend_cls(sim, variant)
     t0 = time.perf_counter()
-    kv_cache_config = compat.scheduler_kv_cache_config(vllm_config, layer_specs, pool_bytes, backend_cls)
+    kv_cache_config = sim.scheduler_kv_cache_config(vllm_config, layer_specs, pool_bytes, backend_cls)
     t_config = time.perf_counter() - t0
     num_blocks = kv_cache_config.num_blocks
     _log(f"{shape.name} {variant}: building the scheduler, {num_blocks:,} blocks in "
          f"{len(kv_cache_config.kv_cache_groups)} KV-cache group(s)")
     rss0 = _rss_bytes()
     t0 = time.perf_counter()
-    scheduler = compat.build_scheduler(vllm_config, kv_cache_config)
+    scheduler = sim.build_scheduler(vllm_config, kv_cache_config)
     t_build = time.perf_counter() - t0
     rss1 = _rss_bytes()
     t0 = time.perf_counter()
-    compat.freeze_gc_heap()
+    sim.freeze_gc_heap()
     t_freeze = time.perf_counter() - t0
     rss2 = _rss_bytes()
     _log(f"{shape.name} {variant}: built in {t_build:.1f} s (+{(rss1 - rss0) / 2**20:.0f} MiB resident), "
          f"GC heap frozen in {t_freeze:.1f} s")
-    hasher = compat.request_block_hasher(vllm_config, scheduler)
-    free0 = compat.num_free_blocks(scheduler)
+    hasher = sim.request_block_hasher(vllm_config, scheduler)
+    free0 = sim.num_free_blocks(scheduler)
 
     record = {
         "model": shape.name, "variant": variant,
@@ -290,19 +287,20 @@ def run_one(spec: dict) -> dict:
         record["budgets"] = {"policy": "snapkv (uniform)", "kv_size": spec["kv_size"], "window": WINDOW,
                              **budgets.summary()}
     for n in spec["requests"]:
-        record["runs"].append(_run_requests(compat, scheduler, hasher, shape, variant, layer_specs, n, spec, free0))
+        record["runs"].append(_run_requests(sim, scheduler, hasher, shape, variant, layer_specs, n, spec, free0))
     gc.unfreeze()  # as the engine core does at shutdown; matters when several runs share a process
     return record
 
 
-def _backend_cls(compat, variant: str):
+def _backend_cls(sim, variant: str):
     """The attention backend whose KV-cache layouts the engine core would resolve: the
     platform's dense backend for stock, the plugin's backend for HEADKV."""
     if variant != "headkv":
-        return compat.dense_backend_cls()
+        return sim.dense_backend_cls()
+    # In the measuring process only (see run_one).
     from headkv_vllm.engine.plugin import BACKEND_PATH
 
-    return compat.resolve_obj_by_qualname(BACKEND_PATH)
+    return sim.backend_cls(BACKEND_PATH)
 
 
 def _layers_per_block(kv_cache_config) -> int:
@@ -310,14 +308,14 @@ def _layers_per_block(kv_cache_config) -> int:
     return len(kv_cache_config.kv_cache_groups[0].layer_names)
 
 
-def _run_requests(compat, scheduler, hasher, shape, variant, layer_specs, n, spec, free0) -> dict:
+def _run_requests(sim, scheduler, hasher, shape, variant, layer_specs, n, spec, free0) -> dict:
     rng = random.Random(spec["seed"] * 1000 + n)
     lo, hi = spec["prompt_range"]
     prompts = [[rng.randrange(128000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
     label = f"{shape.name} {variant} {n} requests"
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
-        scheduler.add_request(compat.make_request(f"r{n}-{i}", prompt, spec["max_tokens"], hasher))
+        scheduler.add_request(sim.make_request(f"r{n}-{i}", prompt, spec["max_tokens"], hasher))
     t_add = time.perf_counter() - t0
 
     phases = {"prefill": {"schedule": [], "update": []}, "decode": {"schedule": [], "update": []}}
@@ -337,7 +335,7 @@ def _run_requests(compat, scheduler, hasher, shape, variant, layer_specs, n, spe
         t1 = time.perf_counter()
         req_ids = list(out.num_scheduled_tokens)
         sampled = [[] if scheduler.requests[r].is_prefill_chunk else [1000 + steps % 1000] for r in req_ids]
-        runner_output = compat.model_runner_output(req_ids, sampled)
+        runner_output = sim.model_runner_output(req_ids, sampled)
         t2 = time.perf_counter()
         scheduler.update_from_output(out, runner_output)
         t3 = time.perf_counter()
@@ -360,13 +358,13 @@ def _run_requests(compat, scheduler, hasher, shape, variant, layer_specs, n, spe
                  f"{'decode' if prefilled else 'prefill'} phase")
 
     running = scheduler.running
-    free_end = compat.num_free_blocks(scheduler)
+    free_end = sim.num_free_blocks(scheduler)
     held = free0 - free_end
     expected = _expected_blocks(variant, layer_specs, running)
     generated = [r.num_output_tokens for r in running]
     num_running = len(running)
-    compat.finish_all_requests(scheduler)
-    free_after = compat.num_free_blocks(scheduler)
+    sim.finish_all_requests(scheduler)
+    free_after = sim.num_free_blocks(scheduler)
     result = {
         "requests": n,
         "num_running": num_running,
