@@ -24,6 +24,7 @@ Writes ``step_host.json`` and ``step_host.md`` to ``--out``. Timings are printed
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -111,7 +112,11 @@ def measure(route: str, kv_size: int) -> dict:
 
         planner = StepPlanner(budgets, BLOCK, torch.device("cpu"))
         planner.bind_runner(runner)
-        store = BlockTablePageStore(BLOCK) if route == "gpu" else builders[0].store
+        # CPU tensors stand in for the device's; a tree from before the store took its device
+        # chose the kernels per call, by the tensors
+        takes_device = "device" in inspect.signature(BlockTablePageStore).parameters
+        store = BlockTablePageStore(BLOCK, *(("cpu",) if takes_device else ())) if route == "gpu" \
+            else builders[0].store
         for b in builders:
             b.bind(planner, store)
     else:

@@ -16,7 +16,7 @@ Checked at every step and layer:
 - The device route (the Triton kernels on CUDA; on the CPU the Triton kernels in
   Triton's interpreter or the PyTorch references) against the reference route: the
   same step on the CPU in fp32 with the kernels' PyTorch references
-  (``BlockTablePageStore(use_triton=False)``), on the same dtype-rounded inputs.
+  (``BlockTablePageStore("cpu", use_triton=False)``), on the same dtype-rounded inputs.
   Outputs within the dtype's tolerance; the whole page pool bit-equal (stores copy);
   the device's window scores equal ``window_scores_ref`` within fp32 tolerance. The
   reference route replays the device's scores, so that both select the same tokens
@@ -467,14 +467,14 @@ def resolve_use_triton(device: torch.device, kernels: str) -> bool | None:
 def run_case(shape: Shape, dtype: torch.dtype, device: torch.device, kernels: str = "triton", seed: int = 0,
              store_factory=None, time_reps: int = 20) -> dict:
     """One scenario in one dtype: device route vs reference route vs oracle. ``store_factory``
-    (block_size, use_triton) replaces the device route's page store (tests feed broken ones)."""
+    (block_size, device, use_triton) replaces the device route's page store (tests feed broken ones)."""
     started = time.perf_counter()
     use_triton = resolve_use_triton(device, kernels)
     budgets = make_budgets(shape, seed)
     scenario = Scenario(shape, budgets, seed)
     bs, hq, hkv, d = shape.block_size, shape.num_heads, shape.num_kv_heads, shape.head_dim
-    dev_store = (store_factory or core.page_store.BlockTablePageStore)(bs, use_triton=use_triton)
-    ref_store = core.page_store.BlockTablePageStore(bs, use_triton=False)
+    dev_store = (store_factory or core.page_store.BlockTablePageStore)(bs, device, use_triton=use_triton)
+    ref_store = core.page_store.BlockTablePageStore(bs, "cpu", use_triton=False)
     dev_attn = make_attention(shape, use_triton, replay=False)
     ref_attn = make_attention(shape, False, replay=True)
     pages_dev = torch.zeros(scenario.num_blocks, 2, bs, d, dtype=dtype, device=device)
@@ -648,7 +648,7 @@ def run_timing(requests: int, prompt: int, kv_size: int, dtype: torch.dtype, dev
                                 requests=tuple((prompt, 0, 0) for _ in range(requests)), steps=2, kv_size=kv_size)
     budgets = make_budgets(shape, seed)
     scenario = Scenario(shape, budgets, seed)
-    store = core.page_store.BlockTablePageStore(shape.block_size)
+    store = core.page_store.BlockTablePageStore(shape.block_size, device)
     attention = make_attention(shape, None, replay=False)
     pages = torch.zeros(scenario.num_blocks, 2, shape.block_size, shape.head_dim, dtype=dtype, device=device)
     kept_table = core.plan.KeptTable(budgets)

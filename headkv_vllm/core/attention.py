@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from headkv_vllm.core.chunks import read_uncompressed, write_uncompressed
-from headkv_vllm.core.page_store import PageStore
+from headkv_vllm.core.page_store import KernelOps, PageStore
 from headkv_vllm.core.plan import PrefillPlan, StepPlan
-from headkv_vllm.kernels import window_scores as _scores
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ class HeadAttention:
                 q_win = q[s + max(0, n - pf.window - c) : s + n - c]
                 if pf.saved_window:
                     q_win = torch.cat([step.plan.window_stash.take(pf.key, layer, pf.saved_window), q_win])
-                scores = self._window_scores(q_win, kr[:n], store.use_triton)
+                scores = self._window_scores(q_win, kr[:n], store.ops)
             else:
                 scores = torch.zeros(self.num_kv_heads, n - pf.window, dtype=torch.float32, device=q.device)
             store.store_prefill(state, pf, scores, kr, vr, pages)
@@ -119,7 +118,5 @@ class HeadAttention:
             vs.append(v[rows])
         return torch.cat(ks), torch.cat(vs)
 
-    def _window_scores(self, q_win: torch.Tensor, k: torch.Tensor, use_triton: bool | None) -> torch.Tensor:
-        triton = k.is_cuda if use_triton is None else use_triton
-        op = _scores.window_scores_triton if triton else _scores.window_scores_ref
-        return op(q_win, k, self.scale, self.pool_kernel)
+    def _window_scores(self, q_win: torch.Tensor, k: torch.Tensor, ops: KernelOps) -> torch.Tensor:
+        return ops.window_scores(q_win, k, self.scale, self.pool_kernel)

@@ -4,20 +4,25 @@ them (docs/kv_layout.md). One store is chosen when the engine starts:
 - ``BlockTablePageStore`` (here): the CUDA route. Every op reads the layer's
   block-table rows and the plan's ``kept``/``lengths`` on the device and finds
   each head's pages itself (``kernels/head_page_rows``), so a layer costs kernel
-  launches only: no host work, no host-device sync. With CUDA tensors the ops are
-  the Triton kernels; with CPU tensors they are the kernels' PyTorch references of
-  the same signature, or, with ``use_triton=True`` under ``TRITON_INTERPRET=1``,
-  the Triton kernels in Triton's interpreter.
+  launches only: no host work, no host-device sync.
 - ``headkv_vllm.engine.cpu_page_store.CpuPageStore``: the CPU route, over vLLM's
   CPU cache and attention ops (their K packing is ISA-specific, so pages written
   by one store are read only by the same store).
 
 A store's ``layer_state`` runs in the metadata builder, once per layer per step;
 the other methods run in the layer's forward.
+
+Each store chooses its kernels once, when it is made (``KernelOps``): the Triton
+launchers, or their PyTorch references of the same signature. The block-table store
+takes Triton on CUDA and the references elsewhere, unless told (``use_triton=True``
+on the CPU runs the Triton kernels in Triton's interpreter, ``TRITON_INTERPRET=1``);
+the CPU store's only kernel, the window scores, is the reference. The layer runs the
+store's ``ops`` too, so one store never mixes the two.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,13 +33,31 @@ from headkv_vllm.core.prompt_attention import PromptAttention, sdpa_prefill
 from headkv_vllm.kernels import append_decode_kv as _append
 from headkv_vllm.kernels import paged_decode_block_table as _decode
 from headkv_vllm.kernels import select_store as _select
+from headkv_vllm.kernels import window_scores as _scores
 from headkv_vllm.kernels.head_page_rows import head_page_slots
 
 
+@dataclass(frozen=True)
+class KernelOps:
+    """The kernels of one page store and its layers, all Triton or all PyTorch
+    references (``headkv_vllm.kernels``: same signatures, docstrings there)."""
+
+    triton: bool
+    window_scores: Callable[..., torch.Tensor]
+    select_and_store: Callable[..., None]
+    append_decode_kv: Callable[..., None]
+    paged_decode_block_table: Callable[..., torch.Tensor]
+
+    @classmethod
+    def choose(cls, triton: bool) -> "KernelOps":
+        suffix = "_triton" if triton else "_ref"
+        return cls(triton, getattr(_scores, "window_scores" + suffix), getattr(_select, "select_and_store" + suffix),
+                   getattr(_append, "append_decode_kv" + suffix),
+                   getattr(_decode, "paged_decode_block_table" + suffix))
+
+
 class PageStore(Protocol):
-    # Which kernels the layer's other ops (window scores) use with this store: None =
-    # Triton for CUDA tensors, the PyTorch references otherwise; True = always Triton.
-    use_triton: bool | None
+    ops: KernelOps  # the kernels the store and its layers run (window scores included)
 
     def attend_prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan,
                        scale: float) -> torch.Tensor:
@@ -79,16 +102,14 @@ class BlockTableLayer:
 
 
 class BlockTablePageStore:
-    def __init__(self, block_size: int, use_triton: bool | None = None,
+    def __init__(self, block_size: int, device: torch.device | str, use_triton: bool | None = None,
                  prompt_attention: PromptAttention = sdpa_prefill):
-        """``use_triton``: None = the Triton kernels for CUDA tensors and the references
-        otherwise; True = always the Triton launchers (CPU tensors need TRITON_INTERPRET=1)."""
+        """``device``: where the pages live. ``use_triton``: None = the Triton kernels on
+        CUDA, the references elsewhere; True or False = those kernels on any device (True
+        on the CPU needs TRITON_INTERPRET=1)."""
         self.block_size = block_size
-        self.use_triton = use_triton
+        self.ops = KernelOps.choose(torch.device(device).type == "cuda" if use_triton is None else use_triton)
         self.attend_prompts = prompt_attention
-
-    def _triton(self, t: torch.Tensor) -> bool:
-        return t.is_cuda if self.use_triton is None else self.use_triton
 
     def layer_state(self, plan: StepPlan, layer: int, block_table: torch.Tensor) -> BlockTableLayer:
         kept, lengths = plan.kept[layer], plan.lengths[layer]
@@ -117,12 +138,10 @@ class BlockTablePageStore:
         slots = head_page_slots(state.block_table[r : r + 1], state.kept[r : r + 1], positions, self.block_size)[0]
         caps = (state.kept[r].clamp(max=pf.prompt_len) - pf.window).long()
         lengths = state.lengths[r].long()
-        op = _select.select_and_store_triton if self._triton(k) else _select.select_and_store_ref
-        op(scores, k, v, caps, lengths, slots, pages)
+        self.ops.select_and_store(scores, k, v, caps, lengths, slots, pages)
 
     def append_decode(self, state: BlockTableLayer, k, v, pages) -> None:
-        op = _append.append_decode_kv_triton if self._triton(k) else _append.append_decode_kv_ref
-        op(k, v, pages, state.decode_table, state.decode_kept, state.decode_lengths)
+        self.ops.append_decode_kv(k, v, pages, state.decode_table, state.decode_kept, state.decode_lengths)
 
     def attend_decode(self, state: BlockTableLayer, q, pages, scale: float) -> torch.Tensor:
         return self._attend(q, pages, state.decode_table, state.decode_kept, state.decode_lengths, scale,
@@ -130,8 +149,7 @@ class BlockTablePageStore:
 
     def append_tokens(self, state: BlockTableLayer, pf: PrefillPlan, k, v, pages) -> None:
         table, kept, lengths = self._generated_rows(state, pf, k.device)
-        op = _append.append_decode_kv_triton if self._triton(k) else _append.append_decode_kv_ref
-        op(k, v, pages, table, kept, lengths)
+        self.ops.append_decode_kv(k, v, pages, table, kept, lengths)
 
     def attend_recomputed(self, state: BlockTableLayer, pf: PrefillPlan, q, pages, scale: float) -> torch.Tensor:
         table, kept, lengths = self._generated_rows(state, pf, q.device)
@@ -146,5 +164,4 @@ class BlockTablePageStore:
         return state.block_table[r].expand(g, -1), state.kept[r].expand(g, -1), state.lengths[r][None, :] + step
 
     def _attend(self, q, pages, table, kept, lengths, scale, max_len) -> torch.Tensor:
-        op = _decode.paged_decode_block_table_triton if self._triton(q) else _decode.paged_decode_block_table_ref
-        return op(q, pages, table, kept, lengths, scale, max_len)
+        return self.ops.paged_decode_block_table(q, pages, table, kept, lengths, scale, max_len)

@@ -46,7 +46,7 @@ def choose_page_store(vllm_config, kv_cache_spec, device) -> PageStore:
     if torch.device(device).type != "cpu" or config.page_store != "auto":
         flash = flash_prefill_attention(model.dtype, head_size)
         use_triton = True if config.page_store == "block-table-triton" else None
-        return BlockTablePageStore(bs, use_triton=use_triton, prompt_attention=flash or sdpa_prefill)
+        return BlockTablePageStore(bs, device, use_triton=use_triton, prompt_attention=flash or sdpa_prefill)
     num_heads = model.get_num_attention_heads(vllm_config.parallel_config)
     return CpuPageStore(model.dtype, bs, head_size, num_heads, kv_cache_spec.num_kv_heads)
 

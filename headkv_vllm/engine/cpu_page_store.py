@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from headkv_vllm.core.page_store import KernelOps
 from headkv_vllm.core.plan import PrefillPlan, StepPlan
 from headkv_vllm.engine.vllm_access import cpu_attention, cpu_attention_isa, cpu_attention_schedule, cpu_cache_write
 from headkv_vllm.kernels.select_store import select_sources
@@ -67,10 +68,9 @@ class CpuLayer:
 
 
 class CpuPageStore:
-    use_triton = None  # window scores: the PyTorch reference on CPU tensors
-
     def __init__(self, dtype: torch.dtype, block_size: int, head_size: int, num_heads: int, num_kv_heads: int):
         self.dtype, self.block_size, self.head_size = dtype, block_size, head_size
+        self.ops = KernelOps.choose(triton=False)  # the layers' window scores; vLLM's CPU ops do the rest
         self.queries_per_kv = num_heads // num_kv_heads
         self.isa = cpu_attention_isa(dtype, block_size, head_size)
         self.attend_prompts = CpuPromptAttention(dtype, head_size, num_heads, num_kv_heads)

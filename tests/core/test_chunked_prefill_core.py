@@ -133,7 +133,7 @@ def assert_chunked_equals_one_step(make_store, device=DEVICE) -> None:
 
 
 def test_chunked_prefill_equals_one_step_prefill():
-    assert_chunked_equals_one_step(lambda: BlockTablePageStore(BS))
+    assert_chunked_equals_one_step(lambda: BlockTablePageStore(BS, "cpu"))
 
 
 def test_the_stash_refuses_a_missing_window():

@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from headkv_vllm.core.attention import HeadAttention, LayerStep
-from headkv_vllm.core.page_store import BlockTablePageStore
+from headkv_vllm.core.page_store import BlockTablePageStore, KernelOps
 from headkv_vllm.core.plan import KeptTable, StepInputs, build_step_plan
 from headkv_vllm.engine.cpu_page_store import CpuPageStore
 from headkv_vllm.kernels import append_decode_kv, paged_decode_block_table, select_store, window_scores
@@ -111,7 +111,7 @@ REQUESTS = [(120, 0, 0), (37, 0, 0), (80, 0, 2), (300, 0, 0), (50, 3, 0), (6, 0,
 def test_block_table_and_cpu_stores_agree_at_every_step():
     steps = 6
     cpu = run(CpuPageStore(torch.float32, BS, D, HQ, HKV), Scenario(REQUESTS), steps)
-    table = run(BlockTablePageStore(BS), Scenario(REQUESTS), steps)
+    table = run(BlockTablePageStore(BS, "cpu"), Scenario(REQUESTS), steps)
     for s in range(steps):
         for layer in range(LAYERS):
             # fp32 on both sides; what differs is summation order
@@ -154,7 +154,7 @@ def test_decode_equals_attention_over_the_kept_tokens():
     gen = torch.Generator().manual_seed(3)
     prompt, steps = 90, 4
     scenario = Scenario([(prompt, 0, 0)], seed=5)
-    store = BlockTablePageStore(BS)
+    store = BlockTablePageStore(BS, "cpu")
     attention = HeadAttention(HQ, HKV, D, SCALE, pool_kernel=3)
     pages = torch.zeros(NUM_BLOCKS, 2, BS, D)
     kept_table = KeptTable(BUDGETS)
@@ -265,12 +265,23 @@ class FakeCudaKernels:
 
 def test_block_table_route_does_no_host_work_per_layer(monkeypatch):
     FakeCudaKernels.install(monkeypatch)
-    run(BlockTablePageStore(BS, use_triton=True), Scenario(REQUESTS), steps=3, guard=NoHostSync)
+    run(BlockTablePageStore(BS, "cpu", use_triton=True), Scenario(REQUESTS), steps=3, guard=NoHostSync)
     calls = FakeCudaKernels.calls
     # 6 prefills per layer (5 in step 0, one in step 2), one recomputed request; steps 1-2:
     # one append and one decode launch per layer
     assert calls.count("select_and_store") == 6 * LAYERS
     assert calls.count("decode") == LAYERS * (1 + 2) and calls.count("append") == 2 * LAYERS
+    assert "scores" in calls  # the layer's window scores are the store's kernels too, on CPU tensors
+
+
+def test_each_store_chooses_its_kernels_when_made():
+    """Triton on CUDA and the references elsewhere, unless the store is told; never by
+    the tensors a call gets."""
+    assert BlockTablePageStore(BS, "cuda").ops == KernelOps.choose(triton=True)
+    assert BlockTablePageStore(BS, torch.device("cpu")).ops == KernelOps.choose(triton=False)
+    assert not BlockTablePageStore(BS, "cuda", use_triton=False).ops.triton
+    assert BlockTablePageStore(BS, "cpu", use_triton=True).ops.window_scores is window_scores.window_scores_triton
+    assert CpuPageStore(torch.float32, BS, D, HQ, HKV).ops.window_scores is window_scores.window_scores_ref
 
 
 def test_the_guard_catches_host_syncs():
@@ -293,7 +304,7 @@ def test_recomputed_tokens_see_what_they_saw_when_decoded(store):
     q, k, v = (torch.randn(n, h * D, generator=gen) for h in (HQ, HKV, HKV))
 
     def make():
-        return CpuPageStore(torch.float32, BS, D, HQ, HKV) if store == "cpu" else BlockTablePageStore(BS)
+        return CpuPageStore(torch.float32, BS, D, HQ, HKV) if store == "cpu" else BlockTablePageStore(BS, "cpu")
 
     def forward(st, scenario, pages, step, rows):
         inputs = scenario.step(step)
