@@ -583,8 +583,8 @@ def run_case(shape: Shape, dtype: torch.dtype, device: torch.device, kernels: st
                     keys, values = oracle.held(layer, r)
                     lengths = [x.shape[0] for x in keys]
                     at = f"step {step} layer {layer} request {r}"
-                    checks.ok("plan_lengths_vs_oracle", plan_ref.lengths_host[layer, r].tolist() == lengths, at,
-                              f"plan {plan_ref.lengths_host[layer, r].tolist()} oracle {lengths}")
+                    checks.ok("plan_lengths_vs_oracle", plan_ref.layout.lengths_host[layer, r].tolist() == lengths, at,
+                              f"plan {plan_ref.layout.lengths_host[layer, r].tolist()} oracle {lengths}")
                     slots = head_slots(scenario.tables[layer][r], budgets.kept(prompt)[layer], lengths, bs)
                     for h, sl in enumerate(slots):
                         held = pages_ref[sl // bs, :, sl % bs]  # [n, 2, d]
@@ -635,7 +635,7 @@ def time_decode_step(store, attention, layers, pages, reps: int) -> dict:
     end.synchronize()
     ms = start.elapsed_time(end) / reps
     plan = layers[0][0]
-    lengths = plan.lengths_host[:, plan.decode_reqs_host]
+    lengths = plan.layout.lengths_host[:, plan.decode.reqs_host]
     return {"ms_per_step": round(ms, 4), "ms_per_layer": round(ms / len(layers), 4), "layers": len(layers),
             "decodes": int(plan.num_decodes), "head_tokens_mean": round(float(lengths.float().mean()), 1),
             "head_tokens_max": int(lengths.max()), "reps": reps}

@@ -60,15 +60,16 @@ class HeadAttention:
             # Earlier chunks' tokens of prompts continued in this step (uncompressed pages).
             context = {pf.row: read_uncompressed(pages, state.rows[pf.row], pf.context, self.num_kv_heads)
                        for pf in plan.prefills if pf.context > 0 and pf.prompt_queries > 0}
-            if plan.prefill_tokens.numel():
+            prompts = plan.prompts
+            if prompts.tokens.numel():
                 # Full causal attention over each prompt (prefill itself is not compressed).
-                rows = slice(*plan.prefill_span) if plan.prefill_span is not None else plan.prefill_tokens
-                pk, pv = (k[rows], v[rows]) if not plan.prefill_has_context else self._with_context(plan, context, k, v)
+                rows = slice(*prompts.span) if prompts.span is not None else prompts.tokens
+                pk, pv = (k[rows], v[rows]) if not prompts.has_context else self._with_context(plan, context, k, v)
                 out[rows] = store.attend_prompts(q[rows], pk, pv, plan, self.scale).to(out.dtype)
             for pf in plan.prefills:
                 self._prefill(step, pf, q, k, v, pages, out, context.get(pf.row))
         if plan.num_decodes:
-            rows = slice(*plan.decode_span) if plan.decode_span is not None else plan.decode_tokens
+            rows = slice(*plan.decode.span) if plan.decode.span is not None else plan.decode.tokens
             store.append_decode(state, k[rows], v[rows], pages)
             out[rows] = store.attend_decode(state, q[rows], pages, self.scale).to(out.dtype)
         return output

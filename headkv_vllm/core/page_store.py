@@ -93,8 +93,8 @@ class PageStore(Protocol):
 class BlockTableLayer:
     rows: torch.Tensor  # [R, W] int32 the layer's block-table rows as vLLM holds them
     block_table: torch.Tensor  # [R, W] int32 the canonical rows: past each row's leading nulls
-    kept: torch.Tensor  # [R, Hkv] int32 plan.kept[layer]
-    lengths: torch.Tensor  # [R, Hkv] int32 plan.lengths[layer]
+    kept: torch.Tensor  # [R, Hkv] int32 plan.layout.kept[layer]
+    lengths: torch.Tensor  # [R, Hkv] int32 plan.layout.lengths[layer]
     decode_table: torch.Tensor  # [D, W] rows of the decodes
     decode_kept: torch.Tensor  # [D, Hkv]
     decode_lengths: torch.Tensor  # [D, Hkv]
@@ -112,24 +112,25 @@ class BlockTablePageStore:
         self.attend_prompts = prompt_attention
 
     def layer_state(self, plan: StepPlan, layer: int, block_table: torch.Tensor) -> BlockTableLayer:
-        kept, lengths = plan.kept[layer], plan.lengths[layer]
+        layout, decode = plan.layout, plan.decode
+        kept, lengths = layout.kept[layer], layout.lengths[layer]
         rows = block_table
-        if plan.has_offsets:
+        if layout.has_offsets:
             # Rows of chunked prompts start with null entries: the kernels read the rows past them,
             # up to the most pages a row holds. TODO(perf): an offset argument in the kernels.
             (num_rows, num_heads), width = kept.shape, block_table.shape[1]
-            used = min(width, num_heads * plan.max_pages)
-            index = torch.arange(used, device=block_table.device)[None, :] + plan.offsets[layer][:, None].long()
+            used = min(width, num_heads * layout.max_pages)
+            index = torch.arange(used, device=block_table.device)[None, :] + layout.offsets[layer][:, None].long()
             block_table = block_table[:num_rows].gather(1, index.clamp_(max=width - 1))
-        if plan.decode_req_span is not None:  # the usual case: views, no copy of table rows
-            a, b = plan.decode_req_span
+        if decode.req_span is not None:  # the usual case: views, no copy of table rows
+            a, b = decode.req_span
             table, d_kept, d_lengths = block_table[a:b], kept[a:b], lengths[a:b]
         else:
-            d = plan.decode_reqs
+            d = decode.reqs
             table, d_kept, d_lengths = block_table.index_select(0, d), kept.index_select(0, d), lengths.index_select(0, d)
         return BlockTableLayer(
             rows=rows, block_table=block_table, kept=kept, lengths=lengths, decode_table=table, decode_kept=d_kept,
-            decode_lengths=d_lengths, decode_max_len=plan.decode_max_len,
+            decode_lengths=d_lengths, decode_max_len=decode.max_len,
         )
 
     def store_prefill(self, state: BlockTableLayer, pf: PrefillPlan, scores, k, v, pages) -> None:

@@ -3,9 +3,9 @@
 vLLM calls the metadata builder once per KV-cache group per step, and under HeadKV
 every layer is its own group. The plan is what does not depend on the layer:
 which requests prefill and which decode, their lengths and token rows, and for
-every layer at once what each head kept of the prompt (``kept [L, R, Hkv]``) and
-holds after the step (``lengths [L, R, Hkv]``). A layer reads its row of those
-two tensors; nothing else differs between layers.
+every layer at once what each head kept of the prompt (``layout.kept [L, R, Hkv]``)
+and holds after the step (``layout.lengths [L, R, Hkv]``). A layer reads its row of
+those two tensors; nothing else differs between layers. ``StepPlan`` draws its parts.
 
 Built on the host from vLLM's host-side copies (query start locations, sequence
 lengths, prompt lengths), then copied to the device in one transfer. Layer code
@@ -21,7 +21,7 @@ Lengths of request r in a step (docs/kv_layout.md, "Head lengths")::
 
 A prompt prefilled in chunks (``total < prompt``) holds all ``total`` tokens in every
 head until its last chunk (docs/kv_layout.md, "Chunked prefill"); its row then starts
-with ``offsets[l, r]`` null entries, and its canonical row is the row past them.
+with ``layout.offsets[l, r]`` null entries, and its canonical row is the row past them.
 """
 
 from __future__ import annotations
@@ -105,41 +105,88 @@ class PrefillPlan:
 
 
 @dataclass(frozen=True)
+class RowLayout:
+    """What every layer's block-table rows hold once the step is done, per layer ``l``,
+    request row ``r`` and KV head ``h`` (docs/kv_layout.md, "Page tables"). Device
+    tensors for the kernels, their host twins for host-side page lists (the CPU store)."""
+
+    kept: torch.Tensor  # [L, R, Hkv] int32 device, prompt tokens each head keeps (window included)
+    lengths: torch.Tensor  # [L, R, Hkv] int32 device, tokens each head holds
+    offsets: torch.Tensor  # [L, R] int32 device, leading null entries of each row (a chunked prompt's)
+    kept_host: torch.Tensor  # [L, R, Hkv] int32 host
+    lengths_host: torch.Tensor  # [L, R, Hkv] int32 host
+    offsets_host: torch.Tensor  # [L, R] int32 host
+    has_offsets: bool  # some row starts with null entries
+    max_pages: int  # most pages any head of any layer holds
+    # What ``kept`` follows from, per row: the prompt length and the request's own KV size
+    # (None: the server's). Equal pairs have equal ``kept`` (host caches key on them).
+    prompt_lens: tuple[int, ...]  # [R]
+    kv_sizes: tuple[int | str | None, ...]  # [R]
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """The ``D`` requests that decode one token in the step."""
+
+    tokens: torch.Tensor  # [D] int64 device, step-token row of each decode
+    span: tuple[int, int] | None  # ``tokens`` as a range [a, b) when contiguous (slices, no gather)
+    reqs: torch.Tensor  # [D] int64 device, request row of each decode
+    reqs_host: torch.Tensor  # [D] int64 host
+    req_span: tuple[int, int] | None  # ``reqs`` as a range when contiguous
+    max_len: int  # longest decode head of any layer (sizes the decode grid)
+
+    @property
+    def count(self) -> int:
+        return self.reqs_host.numel()
+
+
+@dataclass(frozen=True)
+class PackedPrompts:
+    """The prompt tokens computed in the step, of the ``P`` prefills that have some,
+    packed for one variable-length causal attention call (``core.prompt_attention``).
+    Queries: the step's prompt rows. Keys: each prompt so far (an earlier chunk's tokens
+    read from the pages, then the step's), equal to the queries without chunks."""
+
+    tokens: torch.Tensor  # [M] int64 device, step-token row of each packed query
+    span: tuple[int, int] | None  # ``tokens`` as a range [a, b) when contiguous
+    cu_seqlens_q: torch.Tensor  # [P + 1] int32 device, query offsets into the packed rows
+    max_len_q: int
+    cu_seqlens_k: torch.Tensor  # [P + 1] int32 device, key offsets
+    max_len_k: int
+    has_context: bool  # some prefill continues a prompt begun in an earlier step
+
+
+@dataclass(frozen=True)
 class StepPlan:
+    """One step, for every layer. Its parts, and how they index the step::
+
+        StepPlan
+        |- layout: RowLayout        per (layer, request row, KV head): kept, lengths; per
+        |                           (layer, row): leading nulls. Indexed by request row.
+        |- decode: DecodeRows       requests decoding one token: request rows, step rows
+        |- prefills: PrefillPlan..  one per request computing more: its row, step rows, kind
+        |- prompts: PackedPrompts   the prefills' prompt rows packed for prompt attention
+        '- window_stash             window queries saved across a prompt's chunks
+
+        request row r:    0        1                 2         3 (a chunk, c tokens earlier)
+        step tokens:     [0]  [1 .......... 300]   [301]  [302 ......... 402]
+        decode.reqs    = [0, 2]       decode.tokens  = [0, 301]        (span: None)
+        prefills       = (row 1, start 1), (row 3, start 302, computed c)
+        prompts.tokens = [1 .. 300, 302 .. 402]     cu_seqlens_q = [0, 300, 401]
+                                                    cu_seqlens_k = [0, 300, 401 + c]
+    """
+
     num_actual_tokens: int
     block_size: int
-    kept: torch.Tensor  # [L, R, Hkv] int32 device
-    lengths: torch.Tensor  # [L, R, Hkv] int32 device
-    kept_host: torch.Tensor  # [L, R, Hkv] int32 host (the CPU page store builds page lists from it)
-    lengths_host: torch.Tensor  # [L, R, Hkv] int32 host
-    prompt_lens: tuple[int, ...]  # [R]
-    kv_sizes: tuple  # [R] each request's own KV size, None where the server's (with prompt_lens: its kept tokens)
+    layout: RowLayout
+    decode: DecodeRows
     prefills: tuple[PrefillPlan, ...]
-    decode_tokens: torch.Tensor  # [D] int64 device, step-token row of each decode
-    decode_span: tuple[int, int] | None  # the same rows as a range when they are contiguous
-    decode_reqs: torch.Tensor  # [D] int64 device, request row of each decode
-    decode_reqs_host: torch.Tensor  # [D] int64 host
-    decode_req_span: tuple[int, int] | None  # decode request rows as a range when contiguous
-    decode_max_len: int  # longest decode head of any layer (sizes the decode grid)
-    max_pages: int  # most pages any head of any layer holds
-    # The prefills' prompt tokens packed for one variable-length attention call:
-    prefill_tokens: torch.Tensor  # [sum prompt_len] int64 device, step-token rows
-    prefill_span: tuple[int, int] | None  # the same rows as a range when they are contiguous
-    prefill_cu_seqlens: torch.Tensor  # [P + 1] int32 device, offsets into the packed tokens
-    prefill_max_len: int
-    # Keys of the packed prompt attention: each prefill's whole prompt so far (earlier
-    # chunks' tokens from the pages, then the step's). Equal to the queries' without chunks.
-    prefill_cu_seqlens_k: torch.Tensor  # [P + 1] int32 device
-    prefill_max_len_k: int
-    prefill_has_context: bool  # some prefill continues a prompt begun in an earlier step
-    offsets: torch.Tensor  # [L, R] int32 device, leading null entries of each row
-    offsets_host: torch.Tensor  # [L, R] int32 host
-    has_offsets: bool
+    prompts: PackedPrompts
     window_stash: "WindowStash | None" = None
 
     @property
     def num_decodes(self) -> int:
-        return self.decode_reqs_host.numel()
+        return self.decode.count
 
 
 class KeptTable:
@@ -249,12 +296,8 @@ def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
         for i in is_prefill.nonzero().flatten().tolist()
     )
     decode_reqs = is_decode.nonzero().flatten()
-    decode_rows = qsl[decode_reqs].tolist()
-    decode_span = (decode_rows[0], decode_rows[-1] + 1) \
-        if decode_rows and decode_rows[-1] - decode_rows[0] == len(decode_rows) - 1 else None
     d_reqs = decode_reqs.tolist()
-    decode_req_span = (d_reqs[0], d_reqs[-1] + 1) if d_reqs and d_reqs[-1] - d_reqs[0] == len(d_reqs) - 1 else None
-    decode_max = max((head_max[i] for i in decode_reqs.tolist()), default=0)
+    decode_max = max((head_max[i] for i in d_reqs), default=0)
     max_pages = max(1, -(-max(head_max, default=0) // block_size))
 
     # Prompt attention: each prefill's prompt rows of the step as queries; as keys its
@@ -282,18 +325,25 @@ def build_step_plan(inputs: StepInputs, kept_table: KeptTable, block_size: int,
         staged = host.to(dev)
     kept_dev, lengths_dev, decode_tokens, decode_reqs_dev, prefill_tokens_dev, cu_dev, cu_k_dev, offsets_dev = \
         staged.split([t.numel() for t in parts])
-    return StepPlan(
-        num_actual_tokens=inputs.num_actual_tokens, block_size=block_size,
-        kept=kept_dev.view(kept.shape), lengths=lengths_dev.view(kept.shape), kept_host=kept, lengths_host=lengths,
-        prompt_lens=tuple(prompt_list), kv_sizes=inputs.kv_sizes or (None,) * n, prefills=prefills, decode_tokens=decode_tokens.long(), decode_span=decode_span, decode_reqs=decode_reqs_dev.long(),
-        decode_reqs_host=decode_reqs, decode_req_span=decode_req_span, decode_max_len=int(decode_max), max_pages=max_pages,
-        prefill_tokens=prefill_tokens_dev.long(), prefill_span=(spans[0][0], spans[-1][1]) if spans and contiguous else None,
-        prefill_cu_seqlens=cu_dev, prefill_max_len=max(q_lens, default=0),
-        prefill_cu_seqlens_k=cu_k_dev, prefill_max_len_k=max(k_lens, default=0),
-        prefill_has_context=any(pf.context > 0 for pf in attending),
-        offsets=offsets_dev.view(offsets.shape), offsets_host=offsets, has_offsets=bool(offsets.any()),
-        window_stash=window_stash,
+    layout = RowLayout(
+        kept=kept_dev.view(kept.shape), lengths=lengths_dev.view(kept.shape), offsets=offsets_dev.view(offsets.shape),
+        kept_host=kept, lengths_host=lengths, offsets_host=offsets, has_offsets=bool(offsets.any()),
+        max_pages=max_pages, prompt_lens=tuple(prompt_list), kv_sizes=inputs.kv_sizes or (None,) * n,
     )
+    decode = DecodeRows(tokens=decode_tokens.long(), span=_span(qsl[decode_reqs].tolist()), reqs=decode_reqs_dev.long(),
+                        reqs_host=decode_reqs, req_span=_span(d_reqs), max_len=int(decode_max))
+    prompts = PackedPrompts(
+        tokens=prefill_tokens_dev.long(), span=(spans[0][0], spans[-1][1]) if spans and contiguous else None,
+        cu_seqlens_q=cu_dev, max_len_q=max(q_lens, default=0), cu_seqlens_k=cu_k_dev, max_len_k=max(k_lens, default=0),
+        has_context=any(pf.context > 0 for pf in attending),
+    )
+    return StepPlan(num_actual_tokens=inputs.num_actual_tokens, block_size=block_size, layout=layout, decode=decode,
+                    prefills=prefills, prompts=prompts, window_stash=window_stash)
+
+
+def _span(rows: list[int]) -> tuple[int, int] | None:
+    """Ascending ``rows`` as a range ``(first, last + 1)`` when they are contiguous."""
+    return (rows[0], rows[-1] + 1) if rows and rows[-1] - rows[0] == len(rows) - 1 else None
 
 
 def _row_offsets(inputs: StepInputs, kept: torch.Tensor, lengths: torch.Tensor, prompt: torch.Tensor,

@@ -1,8 +1,8 @@
 """Causal attention of each prefill over its own prompt (prefill itself is not compressed).
 
 The step's prompts come packed: ``q [M, Hq, d]``, prompt i's queries in rows
-``plan.prefill_cu_seqlens[i] .. [i + 1]``; ``k``/``v [M_k, Hkv, d]``, its keys in rows
-``plan.prefill_cu_seqlens_k[i] .. [i + 1]``. Without chunked prefill the two are equal;
+``plan.prompts.cu_seqlens_q[i] .. [i + 1]``; ``k``/``v [M_k, Hkv, d]``, its keys in rows
+``plan.prompts.cu_seqlens_k[i] .. [i + 1]``. Without chunked prefill the two are equal;
 a chunk's keys start with its earlier chunks', so its queries are the last rows of its
 keys (causal, aligned at the end). Page
 stores pick the implementation: vLLM's variable-length flash attention on CUDA

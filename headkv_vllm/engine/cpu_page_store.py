@@ -85,15 +85,17 @@ class CpuPageStore:
         A page's position depends only on the request's kept tokens, i.e. on its prompt
         length and KV size, so it is computed once per (prompt length, KV size) for every
         page a head can reach, and restacked only when the batch or its page count changes."""
-        key = (plan.prompt_lens, plan.kv_sizes, plan.max_pages, row_width)
+        layout = plan.layout
+        key = (layout.prompt_lens, layout.kv_sizes, layout.max_pages, row_width)
         if self._positions is None or self._positions[0] != key:
+            max_pages, kept = layout.max_pages, layout.kept_host
             # pages a head can reach: the row's share, cached to the next power of two in use
-            reach = min(1 << max(3, (plan.max_pages - 1).bit_length()), max(1, row_width // plan.kept_host.shape[2]))
-            reach = max(reach, plan.max_pages)
-            per_prompt = [self._positions_of((n, k), r, plan, reach)[:, :, : plan.max_pages]
-                          for r, (n, k) in enumerate(zip(plan.prompt_lens, plan.kv_sizes))]
+            reach = min(1 << max(3, (max_pages - 1).bit_length()), max(1, row_width // kept.shape[2]))
+            reach = max(reach, max_pages)
+            per_prompt = [self._positions_of((n, k), kept[:, r], reach)[:, :, :max_pages]
+                          for r, (n, k) in enumerate(zip(layout.prompt_lens, layout.kv_sizes))]
             pos = torch.stack(per_prompt, dim=1).long() if per_prompt else \
-                torch.zeros(plan.kept_host.shape + (plan.max_pages,), dtype=torch.long)
+                torch.zeros(kept.shape + (max_pages,), dtype=torch.long)
             # pages a head never reaches may sort past the row's end; they are never read
             self._positions = (key, pos.clamp_(max=row_width - 1))
         return self._positions[1]
@@ -102,12 +104,12 @@ class CpuPageStore:
     # prompt lengths make thousands of keys; a larger bound only grew the worker's memory.
     MAX_CACHED_POSITIONS = 1 << 22
 
-    def _positions_of(self, key: tuple, row: int, plan: StepPlan, reach: int) -> torch.Tensor:
-        """[L, Hkv, >= reach] int32 positions of a request with this (prompt length, KV size) (cached)."""
+    def _positions_of(self, key: tuple, kept: torch.Tensor, reach: int) -> torch.Tensor:
+        """[L, Hkv, >= reach] int32 positions of a request with this (prompt length, KV size),
+        whose heads keep ``kept`` [L, Hkv] (cached)."""
         pos = self._by_prompt.get(key)
         if pos is None or pos.shape[2] < reach:
-            pos = self._by_prompt.put(key, page_positions(plan.kept_host[:, row].long(), self.block_size,
-                                                          reach).to(torch.int32))
+            pos = self._by_prompt.put(key, page_positions(kept.long(), self.block_size, reach).to(torch.int32))
         return pos
 
     def _sequences(self, lengths: torch.Tensor, head_blocks: torch.Tensor) -> HeadSequences:
@@ -123,14 +125,14 @@ class CpuPageStore:
     def layer_state(self, plan: StepPlan, layer: int, block_table: torch.Tensor) -> CpuLayer:
         width = block_table.shape[1]
         pos = self._page_positions(plan, width)[layer]  # [R, H, J]
-        if plan.has_offsets:  # rows of chunked prompts start with null entries
-            pos = (pos + plan.offsets_host[layer][:, None, None]).clamp_(max=width - 1)
+        if plan.layout.has_offsets:  # rows of chunked prompts start with null entries
+            pos = (pos + plan.layout.offsets_host[layer][:, None, None]).clamp_(max=width - 1)
         R = pos.shape[0]
         head_blocks = block_table[:R].gather(1, pos.reshape(R, -1)).view(pos.shape)  # int32
-        lengths = plan.lengths_host[layer]
+        lengths = plan.layout.lengths_host[layer]
         decode = decode_slots = None
         if plan.num_decodes:
-            d = plan.decode_reqs_host
+            d = plan.decode.reqs_host
             d_lengths, d_blocks = lengths[d], head_blocks[d]
             last = (d_lengths - 1).long()[:, :, None]
             decode_slots = (d_blocks.gather(2, last // self.block_size).long() * self.block_size
@@ -212,7 +214,7 @@ class CpuPromptAttention:
             for i, (b, nb) in enumerate(zip(first, blocks)):
                 table[i, :nb] = torch.arange(b, b + nb, dtype=torch.int32)
             seq_lens = torch.tensor(lens, dtype=torch.int32)
-            qsl = plan.prefill_cu_seqlens.to(torch.int32)
+            qsl = plan.prompts.cu_seqlens_q.to(torch.int32)
             schedule = cpu_attention_schedule(seq_lens, qsl, self.num_heads, self.num_kv_heads, self.head_size,
                                               self.dtype, self.isa)
             last = torch.tensor([b + nb - 1 for b, nb in zip(first, blocks)])

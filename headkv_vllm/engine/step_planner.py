@@ -101,7 +101,7 @@ class StepPlanner:
         for pf in plan.prefills:
             if not pf.compresses:
                 continue
-            kept = plan.kept_host[:, pf.row].float().mean().item()
+            kept = plan.layout.kept_host[:, pf.row].float().mean().item()
             logger.info(
                 "HeadKV request %s: prompt %d tokens, kept %.1f per KV head on average over all layers (%.1f%%).",
                 ids[pf.row], pf.prompt_len, kept, 100.0 * kept / pf.prompt_len,

@@ -272,8 +272,8 @@ def flash_prefill_attention(dtype: torch.dtype, head_size: int):
 
     def attend(q, k, v, plan, scale):
         return fa_utils.flash_attn_varlen_func(
-            q, k, v, max_seqlen_q=plan.prefill_max_len, cu_seqlens_q=plan.prefill_cu_seqlens,
-            max_seqlen_k=plan.prefill_max_len_k, cu_seqlens_k=plan.prefill_cu_seqlens_k,
+            q, k, v, max_seqlen_q=plan.prompts.max_len_q, cu_seqlens_q=plan.prompts.cu_seqlens_q,
+            max_seqlen_k=plan.prompts.max_len_k, cu_seqlens_k=plan.prompts.cu_seqlens_k,
             softmax_scale=scale, causal=True, **extra,
         )
 

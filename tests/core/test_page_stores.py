@@ -135,15 +135,13 @@ def test_cpu_store_positions_cache_is_bounded(monkeypatch):
 
 
 def test_cpu_store_positions_cache_drops_the_least_recently_used(monkeypatch):
-    import types
-
     store = CpuPageStore(torch.float32, BS, D, HQ, HKV)
-    plan = types.SimpleNamespace(kept_host=torch.full((LAYERS, 3, HKV), 40, dtype=torch.int32))
-    one = store._positions_of((100, None), 0, plan, 4).numel()
+    kept = torch.full((LAYERS, HKV), 40, dtype=torch.int32)
+    one = store._positions_of((100, None), kept, 4).numel()
     monkeypatch.setattr(store._by_prompt, "capacity", 2 * one)
-    store._positions_of((200, None), 1, plan, 4)
-    store._positions_of((100, None), 0, plan, 4)  # used again: now the most recent
-    store._positions_of((300, 64), 2, plan, 4)  # over the bound: (200, None) goes
+    store._positions_of((200, None), kept, 4)
+    store._positions_of((100, None), kept, 4)  # used again: now the most recent
+    store._positions_of((300, 64), kept, 4)  # over the bound: (200, None) goes
     assert list(store._by_prompt) == [(100, None), (300, 64)] and store._by_prompt.total == 2 * one
 
 

@@ -22,22 +22,22 @@ def test_mixed_step_lengths_match_the_layout_formula():
     # decode, prefill (long), decode of a short prompt, recomputed prefill (prompt 50 + 3 generated), padding
     rows = [(1, 201, 120), (300, 300, 300), (1, 9, 5), (53, 53, 50), (0, 0, 0)]
     plan = build_step_plan(inputs(rows), KeptTable(BUDGETS), block_size=8, device="cpu")
-    assert plan.kept.shape == plan.lengths.shape == (4, 5, 3)
+    assert plan.layout.kept.shape == plan.layout.lengths.shape == (4, 5, 3)
     for r, (q, total, prompt) in enumerate(rows[:4]):
         for layer in range(4):
             kept = BUDGETS.kept(prompt)[layer]
-            assert plan.kept[layer, r].tolist() == list(kept)
-            assert plan.lengths[layer, r].tolist() == head_lengths(kept, prompt, total)
-    assert plan.decode_reqs.tolist() == [0, 2] and plan.decode_tokens.tolist() == [0, 301]
+            assert plan.layout.kept[layer, r].tolist() == list(kept)
+            assert plan.layout.lengths[layer, r].tolist() == head_lengths(kept, prompt, total)
+    assert plan.decode.reqs.tolist() == [0, 2] and plan.decode.tokens.tolist() == [0, 301]
     assert [(p.row, p.start, p.prompt_len, p.num_tokens, p.window) for p in plan.prefills] == [
         (1, 1, 300, 300, 4), (3, 302, 50, 53, 4)]
     recomputed = plan.prefills[1]
     assert recomputed.generated == 3
-    assert recomputed.max_len == int(plan.lengths[:, 3].max())
+    assert recomputed.max_len == int(plan.layout.lengths[:, 3].max())
     # A 50-token prompt fits layer 1 (caps 12 + window 4 < 50? no: 16 < 50, compressed) ...
-    assert recomputed.needs_scores == tuple(bool((plan.kept[l, 3] < 50).any()) for l in range(4))
-    assert plan.decode_max_len == int(plan.lengths[:, [0, 2]].max())
-    assert plan.max_pages == -(-int(plan.lengths.max()) // 8)
+    assert recomputed.needs_scores == tuple(bool((plan.layout.kept[l, 3] < 50).any()) for l in range(4))
+    assert plan.decode.max_len == int(plan.layout.lengths[:, [0, 2]].max())
+    assert plan.layout.max_pages == -(-int(plan.layout.lengths.max()) // 8)
 
 
 def test_short_prompt_needs_no_scores_and_dummy_rows_are_all_prompt():
@@ -61,15 +61,15 @@ def test_chunks_are_planned_by_kind():
         (0, 0, 100, 0), (100, 100, 100, 0), (200, 200, 100, 30), (53, 50, 0, 5)]
     assert [p.compresses for p in plan.prefills] == [False, False, True, False]
     # uncompressed while chunked: every head holds every token
-    assert (plan.lengths[:, 0] == 100).all() and (plan.lengths[:, 1] == 200).all()
+    assert (plan.layout.lengths[:, 0] == 100).all() and (plan.layout.lengths[:, 1] == 200).all()
     for layer in range(4):
-        assert plan.lengths[layer, 2].tolist() == head_lengths(BUDGETS.kept(300)[layer], 300, 330)
+        assert plan.layout.lengths[layer, 2].tolist() == head_lengths(BUDGETS.kept(300)[layer], 300, 330)
     # prompt attention: queries are the step's prompt rows, keys the prompt so far
-    assert plan.prefill_cu_seqlens.tolist() == [0, 100, 200, 300]
-    assert plan.prefill_cu_seqlens_k.tolist() == [0, 100, 300, 600]
-    assert plan.prefill_has_context and plan.prefill_max_len_k == 300
-    assert plan.prefill_tokens.tolist() == list(range(300))  # the last chunk's 30 generated rows are not prompt
-    assert plan.prefill_span == (0, 300)
+    assert plan.prompts.cu_seqlens_q.tolist() == [0, 100, 200, 300]
+    assert plan.prompts.cu_seqlens_k.tolist() == [0, 100, 300, 600]
+    assert plan.prompts.has_context and plan.prompts.max_len_k == 300
+    assert plan.prompts.tokens.tolist() == list(range(300))  # the last chunk's 30 generated rows are not prompt
+    assert plan.prompts.span == (0, 300)
     assert BUDGETS.window == 4 and last.saved_window == 0 and middle.saved_window == 0
 
 
@@ -82,7 +82,7 @@ def test_window_queries_of_earlier_chunks_are_counted():
 def counts(plan_rows, offsets_by_layer, block_size=16):
     """Row entries the scheduler would hold: the layout's pages plus leading nulls."""
     plan = build_step_plan(inputs(plan_rows), KeptTable(BUDGETS), block_size, "cpu")
-    need = ((plan.lengths_host.long() + block_size - 1) // block_size).sum(2)
+    need = ((plan.layout.lengths_host.long() + block_size - 1) // block_size).sum(2)
     return need + torch.tensor(offsets_by_layer)
 
 
@@ -94,11 +94,11 @@ def test_row_offsets_of_chunked_prompts_are_found_and_checked():
     gap = [[full - c, 0] for c in compressed]
     plan = build_step_plan(StepInputs(**{**inputs(rows).__dict__, "row_counts": counts(rows, gap)}),
                            KeptTable(BUDGETS), bs, "cpu")
-    assert plan.has_offsets and plan.offsets_host.tolist() == gap
+    assert plan.layout.has_offsets and plan.layout.offsets_host.tolist() == gap
     # a one-step prompt has no leading nulls
     plan = build_step_plan(StepInputs(**{**inputs(rows).__dict__, "row_counts": counts(rows, [[0, 0]] * 4)}),
                            KeptTable(BUDGETS), bs, "cpu")
-    assert not plan.has_offsets
+    assert not plan.layout.has_offsets
     # anything else is a disagreement with the scheduler
     with pytest.raises(RuntimeError, match="scheduler allocated"):
         build_step_plan(StepInputs(**{**inputs(rows).__dict__, "row_counts": counts(rows, [[1, 0]] * 4)}),
@@ -111,7 +111,7 @@ def test_row_offsets_of_chunked_prompts_are_found_and_checked():
 
 def test_contiguous_rows_become_spans():
     plan = build_step_plan(inputs([(1, 201, 120), (1, 9, 5), (300, 300, 300)]), KeptTable(BUDGETS), 16, "cpu")
-    assert plan.decode_span == (0, 2) and plan.decode_req_span == (0, 2) and plan.prefill_span == (2, 302)
+    assert plan.decode.span == (0, 2) and plan.decode.req_span == (0, 2) and plan.prompts.span == (2, 302)
     plan = build_step_plan(inputs([(1, 201, 120), (300, 300, 300), (1, 9, 5)]), KeptTable(BUDGETS), 16, "cpu")
-    assert plan.decode_span is None and plan.decode_req_span is None
-    assert plan.decode_tokens.tolist() == [0, 301] and plan.decode_reqs.tolist() == [0, 2]
+    assert plan.decode.span is None and plan.decode.req_span is None
+    assert plan.decode.tokens.tolist() == [0, 301] and plan.decode.reqs.tolist() == [0, 2]

@@ -125,7 +125,7 @@ def main() -> None:
                 ids = worker.model_runner.input_batch.req_ids
                 for pf in planner._plan.prefills:
                     if pf.compresses:
-                        kept[ids[pf.row].rsplit("-", 1)[0]] = planner._plan.kept_host[:, pf.row].tolist()
+                        kept[ids[pf.row].rsplit("-", 1)[0]] = planner._plan.layout.kept_host[:, pf.row].tolist()
         steps.append({
             "running": len(scheduler.running),
             "waiting": len(scheduler.waiting),
