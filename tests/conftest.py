@@ -20,6 +20,13 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.s
 from support.engines import MODEL_DIR, SMOL
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--gpu-shapes", default="auto",
+        help="the scenarios of tests/gpu/test_step_harness.py: auto (full on CUDA, tiny otherwise), tiny, "
+        "full (small and Llama-3-8B attention) or shape names, comma-separated (tests/support/step_scenario.py)")
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     if not (MODEL_DIR / "config.json").exists():
