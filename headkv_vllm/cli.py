@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 # subcommand -> (module with main(argv), one-line help)
@@ -31,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         parser.print_help()
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    import importlib
-
+    # Only the chosen command's module loads: start-up stays free of torch and vLLM.
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv[1:])
 

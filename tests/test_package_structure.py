@@ -170,6 +170,40 @@ def test_strongly_connected_finds_a_planted_circle():
     assert sorted(map(len, strongly_connected(graph))) == [1, 3]
 
 
+# Every import is at the module's top unless a comment above it says why it waits; the
+# tools are not held to it yet: many defer heavy or optional dependencies (torch,
+# transformers, matplotlib) to the command that needs them.
+LAZY_IMPORTS_UNCHECKED = "headkv_vllm.tools"
+
+
+def unexplained_lazy_imports(name: str) -> list[str]:
+    """Imports below ``name``'s top level without a comment on their line or right above
+    them (above a run of imports, for the whole run). ``if TYPE_CHECKING:`` blocks count as top."""
+    path = MODULES[name]
+    lines = path.read_text().splitlines()
+    tree = ast.parse("\n".join(lines))
+    top = {id(n) for n in tree.body}
+    top |= {id(n) for node in tree.body if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in node.body}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in top:
+            continue
+        i = node.lineno - 1
+        while i > 0 and lines[i - 1].strip().startswith(("import ", "from ")):
+            i -= 1
+        if "#" not in lines[node.lineno - 1] and not (i > 0 and lines[i - 1].strip().startswith("#")):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    return found
+
+
+def test_imports_wait_only_with_a_reason():
+    found = [line for name in MODULES if not name.startswith(LAZY_IMPORTS_UNCHECKED)
+             for line in unexplained_lazy_imports(name)]
+    assert not found, ("imports inside functions without a comment saying why (move them to the module's top, "
+                       "or say in a comment above why they wait):\n" + "\n".join(found))
+
+
 # Ways code reaches a file by path: importlib's file loaders, runpy, exec of a file's text.
 FILE_LOADERS = {"spec_from_file_location", "SourceFileLoader", "run_path", "load_source", "exec"}
 TESTS_PATH = re.compile(r"(^|[/\\])tests([/\\]|$)")

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from typing import Any, Mapping
+
+from headkv_vllm.method.budgets import POLICIES
 
 CONFIG_KEY = "headkv"
 PAGE_STORES = ("auto", "block-table", "block-table-triton")
@@ -69,8 +72,6 @@ class HeadKVConfig:
     explicit: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self):
-        from headkv_vllm.method.budgets import POLICIES
-
         where = f"{self.source} key '{CONFIG_KEY}'"
         if self.policy not in POLICIES:
             raise HeadKVConfigError(f"{where}: setting 'policy' is {short_repr(self.policy)}; use one of {', '.join(POLICIES)}.")
@@ -136,7 +137,7 @@ class HeadKVConfig:
 
 
 def _check_type(where: str, key: str, value: Any, hint: Any) -> None:
-    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _union_type()) else (hint,)
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     allowed = tuple(typing.get_origin(a) or a for a in allowed)
     ok = any(
         (a is type(None) and value is None)
@@ -149,8 +150,3 @@ def _check_type(where: str, key: str, value: Any, hint: Any) -> None:
         names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
         raise HeadKVConfigError(f"{where}: setting '{key}' must be {names}, got {short_repr(value)}. Fix its value.")
 
-
-def _union_type():
-    import types
-
-    return types.UnionType
