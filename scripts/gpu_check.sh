@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # The prepared GPU check: on one CUDA device, without vLLM and without a network,
-#   1. the kernel tests compile the Triton kernels for the device and compare them
-#      with their PyTorch references (tests/kernels/test_kernels_*.py and the other
-#      vLLM-free tests listed in TEST_FILES, one pytest process per file, in parallel);
-#   2. scripts/gpu_step_check.py runs HeadKV steps (prefills, decodes, a recomputed
-#      request) through the compute core on the device and checks them against the
-#      fp32 CPU reference and an independent oracle, the forward under CUDA's sync
-#      guard; it also times decode steps;
+#   1. the vLLM-free tests listed in TEST_FILES, one pytest process per file, in
+#      parallel: the kernel tests compile the Triton kernels for the device and compare
+#      them with their PyTorch references (tests/kernels/test_kernels_*.py);
+#      tests/gpu/test_step_harness.py runs HeadKV steps (prefills, decodes, a recomputed
+#      request) through the compute core at the full shapes (--gpu-shapes full: small
+#      and Llama-3-8B attention, bf16/fp32/fp16) and checks them against the fp32 CPU
+#      reference and an independent oracle, the forward under CUDA's sync guard;
+#      tests/gpu/inside_gpu_check.py checks the tests' imports;
+#   2. scripts/bench_decode_step.py times decode steps through the compute core;
 #   3. scripts/bench_kernels.py --quick.
 # Writes results/gpu_check/gpu_check_<device>_<date>.json (and copies it with the
 # logs to $OUT when OUT is set). Exit status 0 when every part passed.
 #
 #   bash scripts/gpu_check.sh                 # on the GPU machine, from anywhere
 #   bash scripts/gpu_check.sh --cpu-dry-run   # without a GPU: the script itself, on
-#                                             # the CPU (Triton interpreter, no bench)
+#                                             # the CPU (Triton interpreter, the tiny
+#                                             # step shape, bench_decode_step.py --quick,
+#                                             # no kernel bench)
 # Environment: PYTHON (default python3; Python >= 3.11), OUT, GPU_CHECK_TESTS (test
 # files or file::test ids, to narrow the run), GPU_CHECK_RESULTS (default
 # results/gpu_check). The whole run stays under 8 minutes (GPU_CHECK_DEADLINE_S,
@@ -41,7 +45,7 @@ DEADLINE_S=${GPU_CHECK_DEADLINE_S:-450}
 RESULTS=${GPU_CHECK_RESULTS:-results/gpu_check}
 TEST_FILES=${GPU_CHECK_TESTS:-"tests/kernels/test_kernels_decode.py tests/kernels/test_kernels_select_store.py \
 tests/kernels/test_kernels_window_scores.py tests/kernels/test_kernels_bench.py tests/core/test_torch_ops.py tests/core/test_step_plan.py tests/core/test_chunked_prefill_core.py \
-tests/gpu/test_gpu_step_check.py"}
+tests/gpu/test_step_harness.py tests/gpu/inside_gpu_check.py"}
 START=$(date +%s)
 
 if ! "$PY" -c 'import torch, triton, pytest' 2>/dev/null; then
@@ -78,11 +82,14 @@ ln -s "$PWD/configs" "$PKG/configs"
 echo 'raise ImportError("vLLM is not used by scripts/gpu_check.sh")' >"$WORK/path/vllm/__init__.py"
 export PYTHONPATH="$WORK/path${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONSAFEPATH=1 PYTHONDONTWRITEBYTECODE=1
-export GPU_CHECK_PACKAGE=$PKG  # tests/gpu/test_gpu_step_check.py checks its imports against it
+export GPU_CHECK_PACKAGE=$PKG  # tests/gpu/inside_gpu_check.py checks the tests' imports against it
 if [[ $DRY_RUN == 1 ]]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""  # the CPU, even on a GPU machine
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # the test files share the cores
+  GPU_SHAPES=tiny BENCH_ARGS=(--quick --reps 3)
 else
   unset TRITON_INTERPRET  # compile the kernels for the device
+  GPU_SHAPES=full BENCH_ARGS=()
 fi
 # The compute core, the kernels and the score files import from the assembled package.
 if ! "$PY" -c '
@@ -126,31 +133,31 @@ run_timed() {  # run_timed <timeout s> <time file> <rc file> <log> command...
   echo "$rc" >"$rc_file"
 }
 
-# 1. Kernel tests, one process per file (Triton compiles on several cores at once).
-echo "gpu_check: kernel tests ($(echo $TEST_FILES | wc -w) files in parallel)"
-PYTEST_LIMIT=$(($(left) * 55 / 100))
+# Seconds kept for the benchmarks after the tests (the kernel bench runs on CUDA only).
+STEP_BENCH_RESERVE=60
+BENCH_RESERVE=$((DRY_RUN == 1 ? 0 : 75))
+
+# 1. Tests, one process per file (Triton compiles on several cores at once). No globbing:
+# a test id may hold brackets (file::test[param]).
+echo "gpu_check: tests ($(echo $TEST_FILES | wc -w) files in parallel)"
+PYTEST_LIMIT=$(($(left) - STEP_BENCH_RESERVE - BENCH_RESERVE - 20))
 t0=$(date +%s.%N)
+set -f
 for file in $TEST_FILES; do
   name=$(sed "s#/#.#g" <<<"${file%%::*}"); name=${name%.py}  # tests.core.test_x
   run_timed "$PYTEST_LIMIT" "$WORK/pytest/$name.time" "$WORK/pytest/$name.rc" "$LOGS/pytest_$name.log" \
-    "$PY" -m pytest -q -p no:cacheprovider "$file" --junitxml="$WORK/pytest/$name.xml" &
+    "$PY" -m pytest -q -p no:cacheprovider --gpu-shapes "$GPU_SHAPES" "$file" --junitxml="$WORK/pytest/$name.xml" &
 done
+set +f
 wait
 echo "$t0 $(date +%s.%N)" >"$WORK/pytest.time"
 
-# 2. HeadKV steps on the device vs the references (leaves time for the benchmark).
-echo "gpu_check: step check"
-if [[ $DRY_RUN == 1 ]]; then
-  STEP_ARGS=(--device cpu --shapes tiny --dtypes float32,bfloat16)
-  BENCH_RESERVE=0
-else
-  STEP_ARGS=(--device cuda)
-  BENCH_RESERVE=75
-fi
-STEP_BUDGET=$(($(left) - BENCH_RESERVE - 40))
-((STEP_BUDGET < 30)) && STEP_BUDGET=30
-run_timed $((STEP_BUDGET + 30)) "$WORK/step_check.time" "$WORK/step_check.rc" "$LOGS/step_check.log" \
-  "$PY" scripts/gpu_step_check.py "${STEP_ARGS[@]}" --budget-s "$STEP_BUDGET" --out "$WORK/step_check.json"
+# 2. Decode steps through the compute core, timed (the dry run: a smoke run on the CPU).
+echo "gpu_check: decode step bench"
+STEP_BENCH_LIMIT=$(($(left) - BENCH_RESERVE - 10))
+((STEP_BENCH_LIMIT < 30)) && STEP_BENCH_LIMIT=30
+run_timed "$STEP_BENCH_LIMIT" "$WORK/step_bench.time" "$WORK/step_bench.rc" "$LOGS/bench_decode_step.log" \
+  "$PY" scripts/bench_decode_step.py "${BENCH_ARGS[@]}" --out "$WORK/step_bench.json"
 
 # 3. The kernel benchmark's smoke run.
 if [[ $DRY_RUN == 1 ]]; then

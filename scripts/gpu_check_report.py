@@ -4,8 +4,9 @@ The commit is ``GPU_CHECK_COMMIT`` from the environment when set, else the tree'
 
 The parts leave their files in ``--work``:
 
-- ``pytest/<test file stem>.xml`` (JUnit XML) and ``.rc`` (exit status) per test file;
-- ``step_check.json`` and ``.rc`` (scripts/gpu_step_check.py);
+- ``pytest/<test file stem>.xml`` (JUnit XML) and ``.rc`` (exit status) per test file
+  (the kernel tests, the step harness tests/gpu/test_step_harness.py, ...);
+- ``step_bench.json`` and ``.rc`` (scripts/bench_decode_step.py);
 - ``bench.json`` and ``.rc`` (scripts/bench_kernels.py --quick);
 - ``<part>.time``: start and end, seconds since the epoch.
 
@@ -197,36 +198,33 @@ def json_part(work: Path, name: str) -> dict:
 def summary_lines(report: dict) -> list[str]:
     lines = [f"GPU check on {report['machine'].get('device') or 'no CUDA device'}"
              f"{' (CPU dry run)' if report['dry_run'] else ''}: {'PASS' if report['pass'] else 'FAIL'}"]
-    p = report["parts"]["kernel_tests"]
-    lines.append(f"  kernel tests: {'PASS' if p['pass'] else 'FAIL'} {p['passed']} passed, {p['failures']} failed, "
+    p = report["parts"]["tests"]
+    lines.append(f"  tests: {'PASS' if p['pass'] else 'FAIL'} {p['passed']} passed, {p['failures']} failed, "
                  f"{p['errors']} errors, {p['skipped']} skipped ({p['seconds']} s)")
     for name, f in p["files"].items():
         if not f["pass"]:
             lines.append(f"    {name}: rc {f['rc']} {f.get('error', '')} {' '.join(f.get('failed_tests', [])[:5])}")
-    s = report["parts"]["step_check"]
-    if s.get("skipped"):
-        lines.append("  step check: skipped")
-    else:
-        lines.append(f"  step check: {'PASS' if s['pass'] else 'FAIL'} ({s.get('seconds')} s) {s.get('error', '')}")
-        for case in s.get("result", {}).get("cases", []):
-            bad = [n for n, c in case.get("checks", {}).items() if not c["pass"]]
-            lines.append(f"    {case['shape']['name']} {case['dtype']}: "
-                         f"{'skipped' if case.get('skipped') else 'PASS' if case['pass'] else 'FAIL'}"
-                         + (f" failed: {', '.join(bad)}" if bad else "") + (f" {case['error']}" if "error" in case else ""))
-    b = report["parts"]["bench_quick"]
-    if b.get("skipped"):
-        lines.append("  kernel bench --quick: skipped")
-    else:
-        lines.append(f"  kernel bench --quick: {'PASS' if b['pass'] else 'FAIL'} ({b.get('seconds')} s) {b.get('error', '')}")
+    s = report["parts"]["step_bench"]
+    lines.append(_json_part_line("decode step bench", s))
+    for row in s.get("result", {}).get("rows", []):
+        lines.append(f"    {row['requests']} x {row['prompt']} tokens, KV {row['kv_size']}, {row['dtype']}: "
+                     + (f"{row['ms_per_layer']:.3f} ms/layer" if "ms_per_layer" in row else row.get("error", "")))
+    lines.append(_json_part_line("kernel bench --quick", report["parts"]["bench_quick"]))
     return lines
 
 
+def _json_part_line(title: str, part: dict) -> str:
+    if part.get("skipped"):
+        return f"  {title}: skipped"
+    return f"  {title}: {'PASS' if part['pass'] else 'FAIL'} ({part.get('seconds')} s) {part.get('error', '')}"
+
+
 def build(work: Path, command: str, dry_run: bool, stamp: str) -> dict:
-    parts = {"kernel_tests": pytest_part(work), "step_check": json_part(work, "step_check"),
+    parts = {"tests": pytest_part(work), "step_bench": json_part(work, "step_bench"),
              "bench_quick": json_part(work, "bench")}
     ran = [p["pass"] for p in parts.values() if not p.get("skipped")]
     return {
-        "format": "headkv-gpu-check/1",
+        "format": "headkv-gpu-check/2",  # /1 had kernel_tests and step_check; the step check is now tests
         "pass": bool(ran) and all(ran),
         "dry_run": dry_run,
         "command": command,
