@@ -50,12 +50,13 @@ def head_budgets(kv_size: int, seed: int) -> Budgets:
 
 
 def block_tables(kept: tuple[tuple[int, ...], ...], requests: int, prompt: int, device, gen: torch.Generator):
-    """Per layer ``[requests, pages]`` int32 block-table rows on distinct random pages,
-    holding each head's tokens after one decoded token; and the pool's page count."""
+    """Per layer ``[requests, pages + 2]`` int32 block-table rows on distinct random pages,
+    holding each head's tokens after one decoded token, then two null entries (vLLM's
+    rows are wider than what they hold); and the pool's page count."""
     pages = [sum(-(-(min(k, prompt) + 1) // BLOCK) for k in heads) for heads in kept]  # per request, per layer
     num_blocks = 1 + requests * sum(pages)  # block 0 is the null block
     ids = (torch.randperm(num_blocks - 1, generator=gen) + 1).int().split([requests * p for p in pages])
-    return [t.view(requests, -1).to(device) for t in ids], num_blocks
+    return [torch.nn.functional.pad(t.view(requests, -1), (0, 2)).to(device) for t in ids], num_blocks
 
 
 def step_inputs(requests: int, prompt: int, decode: bool) -> StepInputs:
