@@ -62,7 +62,9 @@ def _runner(block_tables, held, prompts):
         num_prompt_tokens_cpu_tensor=torch.tensor(prompts), num_reqs=len(prompts),
         req_ids=[str(i) for i in range(len(prompts))], block_table=SimpleNamespace(block_tables=tables),
     )
-    return SimpleNamespace(input_batch=batch, kv_cache_config=SimpleNamespace(kv_cache_groups=groups))
+    # the runner's request states: every request at the server's KV size (no vllm_xargs)
+    requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None)) for r in batch.req_ids}
+    return SimpleNamespace(input_batch=batch, kv_cache_config=SimpleNamespace(kv_cache_groups=groups), requests=requests)
 
 
 def measure(route: str, kv_size: int) -> dict:
@@ -116,7 +118,7 @@ def measure(route: str, kv_size: int) -> dict:
         # chose the kernels per call, by the tensors
         takes_device = "device" in inspect.signature(BlockTablePageStore).parameters
         store = BlockTablePageStore(BLOCK, *(("cpu",) if takes_device else ())) if route == "gpu" \
-            else builders[0].store
+            else backend.choose_page_store(vllm_config, specs[0], torch.device("cpu"))
         for b in builders:
             b.bind(planner, store)
     else:
