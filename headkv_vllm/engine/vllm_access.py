@@ -48,7 +48,6 @@ calls them. Those places, outside these modules, and why:
 from __future__ import annotations
 
 import torch
-import vllm
 from vllm import _custom_ops as _ops
 from vllm import envs as _envs
 from vllm.config import VllmConfig, get_current_vllm_config
@@ -79,7 +78,7 @@ __all__ = [
     "MultipleOf", "SingleTypeKVCacheManager", "StatLoggerBase", "VllmConfig", "cdiv", "current_platform",
     "extract_layer_index", "get_current_vllm_config",
     # the engine config
-    "SUPPORTED_VLLM", "BACKEND_NAME", "logger", "vllm_version", "selected_backend_name", "uses_v2_model_runner",
+    "BACKEND_NAME", "logger", "selected_backend_name", "uses_v2_model_runner",
     "parallel_sizes", "platform_worker_cls", "pin_memory_available",
     # the model runner and its input batch
     "metadata_builders", "num_prompt_tokens", "request_ids", "live_request_ids", "request_extra_args",
@@ -89,7 +88,6 @@ __all__ = [
     "cpu_attention_isa", "cpu_cache_write", "cpu_attention_schedule", "cpu_attention", "flash_prefill_attention",
 ]
 
-SUPPORTED_VLLM = "0.32."
 BACKEND_NAME = "HEADKV"  # our member of vLLM's AttentionBackendEnum (vllm_patches patch 1)
 
 # Under the "vllm" logger tree so that vLLM's logging configuration shows our lines.
@@ -99,10 +97,6 @@ logger = init_logger("vllm.headkv")
 # ---------------------------------------------------------------------------
 # The engine config.
 # ---------------------------------------------------------------------------
-
-def vllm_version() -> str:
-    return vllm.__version__
-
 
 def selected_backend_name(vllm_config: VllmConfig) -> str | None:
     backend = vllm_config.attention_config.backend

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from headkv_vllm.engine.vllm_access import SUPPORTED_VLLM
+from headkv_vllm.engine.version import SUPPORTED_VLLM
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -3,10 +3,12 @@
 import importlib.metadata
 import multiprocessing as mp
 import pickle
+import subprocess
+import sys
 
 import pytest
 
-from headkv_vllm.engine.plugin import check_vllm_version
+from headkv_vllm.engine.version import check_vllm_version
 
 
 def test_entry_point_is_declared():
@@ -101,6 +103,25 @@ def test_other_vllm_versions_are_refused(version):
 def test_pinned_version_is_accepted():
     check_vllm_version("0.32.0")
     check_vllm_version("0.32.1+cpu")
+
+
+def test_another_vllm_release_is_refused_before_vllm_is_imported():
+    """vLLM's entry point on another release: the readable refusal, and not one of vLLM's
+    modules imported before it (their imports are what may fail on another release)."""
+    code = """
+import importlib.metadata, sys
+real = importlib.metadata.version
+importlib.metadata.version = lambda name: "0.99.0" if name == "vllm" else real(name)
+import headkv_vllm
+try:
+    headkv_vllm.register()
+except RuntimeError as e:
+    print("REFUSED", e)
+print("VLLM_MODULES", sorted(m for m in sys.modules if m == "vllm" or m.startswith("vllm.")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "REFUSED headkv-vllm is written against vLLM 0.32.x but vLLM 0.99.0 is installed" in out, out
+    assert "VLLM_MODULES []" in out, out
 
 
 def test_config_error_is_found_where_it_was_raised_from_not_while_handled():
