@@ -20,7 +20,6 @@ import argparse
 import json
 import shlex
 import sys
-from pathlib import Path
 
 from headkv_vllm.tools.common.methods import (FULL, METHODS, MethodError, build_methods, model_identity, parse_ints)
 
