@@ -16,6 +16,11 @@ if not torch.cuda.is_available():
 # its threads to one core and leave the other idle on a 2-core machine (the tests run
 # one engine at a time, so every core the process may use goes to it).
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+# vLLM's CPU platform gives even a one-worker engine its own worker process, which
+# polls for work on one of the two cores; on CUDA a one-GPU engine runs its worker in
+# the engine-core process. The tests take the CUDA layout, which starts and runs an
+# engine in about half the time here; `vllm serve` keeps its API and engine-core processes.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from support.engines import MODEL_DIR, SMOL
 
