@@ -80,3 +80,36 @@ def test_ratios(quick):
         assert row["num_blocks"] > 1
         assert [p["requests"] for p in row["per_requests"]] == result["settings"]["request_list"]
         assert all(p["decode_schedule_median"] > 0 for p in row["per_requests"])
+
+
+def test_page_tables_measured_on_vllms_block_tables(quick):
+    """The runner's tables (vLLM's MultiGroupBlockTable, fed each step's scheduler output):
+    every decode step commits rows [:requests] of every group's table at full width."""
+    result, md = quick
+    max_len, seqs = result["settings"]["max_model_len"], result["settings"]["max_num_seqs"]
+    for r in result["records"]:
+        shape, tables = MODELS[r["model"]], r["page_tables"]
+        if r["variant"] == "headkv":
+            assert tables["tables"] == shape.num_layers
+            assert tables["width"] >= shape.kv_heads_per_rank * (max_len // 16 + 1)
+        else:
+            assert tables["tables"] == 1 and tables["width"] >= max_len // 16
+        row_bytes = tables["tables"] * tables["width"] * 4  # int32, every group
+        assert tables["device_bytes"] == seqs * row_bytes + tables["tables"] * result["settings"][
+            "max_num_batched_tokens"] * 8  # block tables + int64 slot mappings
+        for run in r["runs"]:
+            assert run["decode"]["page_table_h2d_bytes_mean"] == run["decode"]["page_table_h2d_bytes_max"] \
+                == run["requests"] * row_bytes
+    assert "H2D KiB/step" in md and "table device memory" in md
+
+
+def test_own_kv_sizes_are_asked_and_counted(quick):
+    """Requests 1 and 3 of every 4 ask for their own KV size; the pool holds what their own
+    budgets need (test_requests_are_scheduled_and_decode checks held == expected)."""
+    from headkv_vllm.tools.sim.sched_sim import _own_kv_size
+
+    result, _ = quick
+    spec = {"own_kv_sizes": result["settings"]["own_kv_size_list"]}
+    assert spec["own_kv_sizes"] == [64, 256]
+    assert [_own_kv_size("headkv", spec, i) for i in range(5)] == [None, 64, None, 256, None]
+    assert _own_kv_size("stock", spec, 1) is None

@@ -29,8 +29,12 @@ scheduler (timed; resident-memory delta), freeze the GC heap as vLLM's engine co
 after start-up, then for each request count: submit the requests (prompts of random
 tokens, lengths uniform in ``--prompt-tokens``), step until every prompt is prefilled
 ("prefill" steps), then ``--decode-steps`` steps with every request decoding one token
-("decode" steps), then abort all requests (pages back to the pool). Reported per step:
-``schedule()`` and ``update_from_output()`` wall time, median and p90.
+("decode" steps), then abort all requests (pages back to the pool). Every fourth request
+asks for its own KV size (``--own-kv-sizes``, as a client's ``vllm_xargs``; HEADKV only).
+Reported per step: ``schedule()`` and ``update_from_output()`` wall time, median and p90,
+and the model runner's page tables: vLLM's V1 ``MultiGroupBlockTable`` fed each step's
+scheduler output as the runner feeds it, the bytes its commit copies to the device and
+the device memory the tables hold (``vllm_sim.RunnerTables``; no GPU needed).
 
     headkv-vllm sched-sim --out results/sched_sim
     headkv-vllm sched-sim --quick --out sched_sim_quick
@@ -51,6 +55,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from headkv_vllm.method.layout import num_head_pages
+from headkv_vllm.method.request_settings import KV_SIZE, request_kv_size
 
 GB = 10**9
 VARIANTS = ("stock", "stock-plain", "headkv")
@@ -78,12 +85,14 @@ class ModelShape:
         return int(self.num_params * 2 / self.tp)
 
     def hf_config(self) -> dict:
+        # 131072 positions as Llama-3.1 (same shapes as Llama-3, longer RoPE range), so that
+        # --max-model-len up to 131072 is accepted; the simulation runs no model.
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16",
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_attention_heads": self.num_query_heads, "num_hidden_layers": self.num_layers,
             "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "vocab_size": 128256,
-            "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
             "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128009,
         }
 
@@ -118,6 +127,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--pool-fraction", type=float, default=1.0,
                    help="build this fraction of the pool (memory safety); results say so (default 1.0)")
     p.add_argument("--kv-size", type=int, default=128, help="HEADKV uniform KV size per KV head (default 128)")
+    p.add_argument("--own-kv-sizes", default="64,256",
+                   help="KV sizes that requests 1 and 3 of every 4 ask for (HEADKV; default 64,256; '' for none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--in-process", action="store_true",
                    help="run every (model, setup) in this process (default for --quick; memory numbers then overlap)")
@@ -147,6 +158,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.max_num_seqs = max(args.request_list)
     if not 0 < args.pool_fraction <= 1:
         p.error("--pool-fraction must be in (0, 1]")
+    try:
+        args.own_kv_size_list = [int(x) for x in args.own_kv_sizes.split(",") if x.strip()]
+    except ValueError:
+        p.error("--own-kv-sizes takes e.g. 64,256")
+    if len(args.own_kv_size_list) > 2 or any(k <= WINDOW for k in args.own_kv_size_list):
+        p.error("--own-kv-sizes: at most two sizes, each larger than the window (8)")
     return args
 
 
@@ -200,15 +217,17 @@ def _engine_args(shape: ModelShape, variant: str, model_dir: str, spec: dict) ->
 def _layer_specs(sim, shape: ModelShape, variant: str, kv_size: int, chunk_tokens: int) -> tuple[dict, object]:
     # In the measuring process only (see run_one).
     from headkv_vllm.engine.kv_spec import to_head_specs
-    from headkv_vllm.method.budgets import Budgets, snapkv_caps
+    from headkv_vllm.method.budgets import BudgetRule
+    from headkv_vllm.method.config import HeadKVConfig
 
     heads = shape.kv_heads_per_rank
     specs = sim.full_attention_specs(shape.num_layers, heads, shape.head_dim)
     if variant != "headkv":
         return specs, None
-    caps = snapkv_caps(shape.num_layers, heads, kv_size, WINDOW)
-    budgets = Budgets(tuple(tuple(r) for r in caps), WINDOW, True)
-    return to_head_specs(specs, budgets, chunk_tokens), budgets
+    config = HeadKVConfig.from_mapping({"policy": "snapkv", "kv_size": kv_size, "window": WINDOW})
+    rule = BudgetRule.from_config(config, shape.num_layers, heads)
+    budgets = rule.budgets(kv_size)
+    return to_head_specs(specs, budgets, chunk_tokens, rule), budgets
 
 
 def _quantiles(values: list[float]) -> dict:
@@ -258,6 +277,7 @@ def run_one(spec: dict) -> dict:
          f"GC heap frozen in {t_freeze:.1f} s")
     hasher = sim.request_block_hasher(vllm_config, scheduler)
     free0 = sim.num_free_blocks(scheduler)
+    tables = sim.RunnerTables(vllm_config, kv_cache_config)
 
     record = {
         "model": shape.name, "variant": variant,
@@ -281,13 +301,17 @@ def run_one(spec: dict) -> dict:
             "rss_delta_build_bytes": rss1 - rss0, "rss_delta_build_and_freeze_bytes": rss2 - rss0,
             "rss_after_build_bytes": rss2,
         },
+        "page_tables": {"device_bytes": tables.device_bytes(), "host_bytes": tables.host_bytes(),
+                        "tables": len(tables.table.block_tables),
+                        "width": [bt.block_table.cpu.shape[1] for bt in tables.table.block_tables[:1]][0]},
         "runs": [],
     }
     if budgets is not None:
         record["budgets"] = {"policy": "snapkv (uniform)", "kv_size": spec["kv_size"], "window": WINDOW,
                              **budgets.summary()}
     for n in spec["requests"]:
-        record["runs"].append(_run_requests(sim, scheduler, hasher, shape, variant, layer_specs, n, spec, free0))
+        record["runs"].append(_run_requests(sim, scheduler, tables, hasher, shape, variant, layer_specs, n, spec,
+                                            free0))
     gc.unfreeze()  # as the engine core does at shutdown; matters when several runs share a process
     return record
 
@@ -308,17 +332,27 @@ def _layers_per_block(kv_cache_config) -> int:
     return len(kv_cache_config.kv_cache_groups[0].layer_names)
 
 
-def _run_requests(sim, scheduler, hasher, shape, variant, layer_specs, n, spec, free0) -> dict:
+def _own_kv_size(variant: str, spec: dict, i: int) -> int | None:
+    """The KV size request ``i`` asks for (None: the server's): requests 1 and 3 of every 4."""
+    own = spec["own_kv_sizes"]
+    if variant != "headkv" or not own or i % 2 == 0:
+        return None
+    return own[(i // 2) % len(own)]
+
+
+def _run_requests(sim, scheduler, tables, hasher, shape, variant, layer_specs, n, spec, free0) -> dict:
     rng = random.Random(spec["seed"] * 1000 + n)
     lo, hi = spec["prompt_range"]
     prompts = [[rng.randrange(128000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
     label = f"{shape.name} {variant} {n} requests"
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
-        scheduler.add_request(sim.make_request(f"r{n}-{i}", prompt, spec["max_tokens"], hasher))
+        own = _own_kv_size(variant, spec, i)
+        scheduler.add_request(sim.make_request(f"r{n}-{i}", prompt, spec["max_tokens"], hasher,
+                                               None if own is None else {KV_SIZE: own}))
     t_add = time.perf_counter() - t0
 
-    phases = {"prefill": {"schedule": [], "update": []}, "decode": {"schedule": [], "update": []}}
+    phases = {k: {"schedule": [], "update": [], "tables": [], "h2d": []} for k in ("prefill", "decode")}
     tokens_per_step = {"prefill": [], "decode": []}
     steps = 0
     prefilled = False
@@ -333,6 +367,9 @@ def _run_requests(sim, scheduler, hasher, shape, variant, layer_specs, n, spec, 
         t0 = time.perf_counter()
         out = scheduler.schedule()
         t1 = time.perf_counter()
+        h2d = tables.step(out)
+        phases[phase]["tables"].append(time.perf_counter() - t1)
+        phases[phase]["h2d"].append(h2d)
         req_ids = list(out.num_scheduled_tokens)
         sampled = [[] if scheduler.requests[r].is_prefill_chunk else [1000 + steps % 1000] for r in req_ids]
         runner_output = sim.model_runner_output(req_ids, sampled)
@@ -376,12 +413,17 @@ def _run_requests(sim, scheduler, hasher, shape, variant, layer_specs, n, spec, 
         "prefill": {"steps": len(phases["prefill"]["schedule"]),
                     "tokens_per_step_mean": _mean(tokens_per_step["prefill"]),
                     "schedule": _quantiles(phases["prefill"]["schedule"]),
-                    "update_from_output": _quantiles(phases["prefill"]["update"])},
+                    "update_from_output": _quantiles(phases["prefill"]["update"]),
+                    "page_tables": _quantiles(phases["prefill"]["tables"]),
+                    "page_table_h2d_bytes_max": max(phases["prefill"]["h2d"], default=0)},
         "decode": {"steps": len(phases["decode"]["schedule"]),
                    "schedule": _quantiles(phases["decode"]["schedule"]),
                    "update_from_output": _quantiles(phases["decode"]["update"]),
                    "schedule_plus_update": _quantiles([a + b for a, b in zip(phases["decode"]["schedule"],
-                                                                             phases["decode"]["update"])])},
+                                                                             phases["decode"]["update"])]),
+                   "page_tables": _quantiles(phases["decode"]["tables"]),
+                   "page_table_h2d_bytes_mean": _mean(phases["decode"]["h2d"]),
+                   "page_table_h2d_bytes_max": max(phases["decode"]["h2d"])},
         "blocks_held_at_end": held,
         "blocks_expected_at_end": expected,
         "blocks_held_per_request": held / n,
@@ -409,7 +451,9 @@ def _expected_blocks(variant, layer_specs, running) -> int:
     for r in running:
         # KV exists for computed tokens; the scheduler also holds a slot for the token it will compute next.
         if variant == "headkv":
-            total += sum(s.pages_needed(r.num_prompt_tokens, r.num_computed_tokens) for s in specs)
+            n, kv_size = r.num_prompt_tokens, request_kv_size(r.sampling_params.extra_args)
+            total += sum(num_head_pages(s.budgets_for(kv_size).kept(n)[s.layer_index], n, r.num_computed_tokens,
+                                        s.block_size) for s in specs)
         else:
             total += -(-r.num_computed_tokens // specs[0].block_size)
     return total
@@ -425,6 +469,7 @@ def _spec(args, model: str, variant: str) -> dict:
             "prompt_range": list(args.prompt_range), "max_model_len": args.max_model_len,
             "max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": args.max_num_seqs,
             "max_tokens": args.max_model_len - args.prompt_range[1], "kv_size": args.kv_size, "seed": args.seed,
+            "own_kv_sizes": args.own_kv_size_list,
             "kv_cache_bytes": kv_cache_bytes(shape, args)}
 
 
@@ -458,6 +503,8 @@ def ratios(records: list[dict]) -> list[dict]:
                    "num_blocks": rec["pool"]["num_blocks"] / base["pool"]["num_blocks"],
                    "build_scheduler_s": _ratio(rec["pool"]["build_scheduler_s"], base["pool"]["build_scheduler_s"]),
                    "rss_delta_build": _ratio(rec["pool"]["rss_delta_build_bytes"], base["pool"]["rss_delta_build_bytes"]),
+                   "page_table_device_bytes": _ratio(rec["page_tables"]["device_bytes"],
+                                                     base["page_tables"]["device_bytes"]),
                    "per_requests": []}
             base_runs = {r["requests"]: r for r in base["runs"]}
             for run in rec["runs"]:
@@ -472,6 +519,8 @@ def ratios(records: list[dict]) -> list[dict]:
                     "decode_schedule_p90": _ratio(run["decode"]["schedule"]["p90_ms"], b["decode"]["schedule"]["p90_ms"]),
                     "decode_update_median": _ratio(run["decode"]["update_from_output"]["median_ms"],
                                                    b["decode"]["update_from_output"]["median_ms"]),
+                    "decode_page_table_h2d": _ratio(run["decode"]["page_table_h2d_bytes_mean"],
+                                                    b["decode"]["page_table_h2d_bytes_mean"]),
                 })
             out.append(row)
     return out
@@ -498,18 +547,21 @@ def markdown(result: dict) -> str:
              f"{result['load_average_end']} at end; vLLM {result['machine']['versions'].get('vllm')}. "
              f"{result['assumptions']['pool']}", "",
              "Pool and start-up (one process per row):", "",
-             "| model | setup | KV cache GB | blocks | bytes/block | groups | build scheduler s | GC freeze s | host memory MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | setup | KV cache GB | blocks | bytes/block | groups | build scheduler s | GC freeze s | host memory MiB "
+             "| page tables: device MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in recs:
         p = r["pool"]
         lines.append(f"| {r['model']} | {r['variant']} | {p['kv_cache_bytes'] / GB:.1f} | {p['num_blocks']:,} | "
                      f"{p['block_bytes']:,} | {p['num_kv_cache_groups']} | {p['build_scheduler_s']:.2f} | "
-                     f"{p['gc_freeze_s']:.2f} | {p['rss_delta_build_bytes'] / 2**20:.0f} |")
+                     f"{p['gc_freeze_s']:.2f} | {p['rss_delta_build_bytes'] / 2**20:.0f} | "
+                     f"{r['page_tables']['device_bytes'] / 2**20:,.1f} |")
     lines += ["", "Steps (wall time per step, ms; prefill = every step until all prompts are prefilled, "
               "decode = every request decodes one token):", "",
               "| model | requests | setup | prefill steps | prefill schedule() median / p90 | "
-              "decode schedule() median / p90 | decode update_from_output() median | blocks held |",
-              "|---|---|---|---|---|---|---|---|"]
+              "decode schedule() median / p90 | decode update_from_output() median | "
+              "decode page tables: H2D KiB/step, host ms | blocks held |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in recs:
         for run in r["runs"]:
             pre, dec = run["prefill"], run["decode"]
@@ -517,19 +569,23 @@ def markdown(result: dict) -> str:
                 f"| {r['model']} | {run['requests']} | {r['variant']} | {pre['steps']} | "
                 f"{_fmt(pre['schedule']['median_ms'])} / {_fmt(pre['schedule']['p90_ms'])} | "
                 f"{_fmt(dec['schedule']['median_ms'])} / {_fmt(dec['schedule']['p90_ms'])} | "
-                f"{_fmt(dec['update_from_output']['median_ms'])} | {run['blocks_held_at_end']:,} |")
+                f"{_fmt(dec['update_from_output']['median_ms'])} | "
+                f"{dec['page_table_h2d_bytes_mean'] / 2**10:,.0f}, {_fmt(dec['page_tables']['median_ms'])} | "
+                f"{run['blocks_held_at_end']:,} |")
     if result["ratios"]:
         lines += ["", "HEADKV / stock (ratios > 1: HEADKV slower or larger):", "",
-                  "| model | against | blocks | build | host memory | requests | prefill schedule() total | "
-                  "decode schedule() median | decode schedule() p90 | decode update median |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| model | against | blocks | build | host memory | table device memory | requests | "
+                  "prefill schedule() total | decode schedule() median | decode schedule() p90 | decode update median "
+                  "| decode table H2D |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in result["ratios"]:
             for pr in row["per_requests"]:
                 lines.append(f"| {row['model']} | {row['against']} | {_fmt(row['num_blocks'], 0)} | "
                              f"{_fmt(row['build_scheduler_s'], 0)} | {_fmt(row['rss_delta_build'], 0)} | "
+                             f"{_fmt(row['page_table_device_bytes'], 0)} | "
                              f"{pr['requests']} | {_fmt(pr['prefill_schedule_total'], 1)} | "
                              f"{_fmt(pr['decode_schedule_median'], 1)} | {_fmt(pr['decode_schedule_p90'], 1)} | "
-                             f"{_fmt(pr['decode_update_median'], 1)} |")
+                             f"{_fmt(pr['decode_update_median'], 1)} | {_fmt(pr['decode_page_table_h2d'], 0)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -565,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: getattr(args, k) for k in ("quick", "request_list", "decode_steps", "prompt_range",
                                                    "max_model_len", "max_num_batched_tokens", "max_num_seqs",
                                                    "gpu_mem_gb", "gpu_util", "kv_bytes", "pool_fraction",
-                                                   "kv_size", "seed")},
+                                                   "kv_size", "own_kv_size_list", "seed")},
         "models": shapes,
         "assumptions": {
             "pool": ("KV cache per GPU = GPU memory x utilisation - bf16 weights per GPU"
@@ -574,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
                      + (f", x {args.pool_fraction:g} (pool fraction)" if args.pool_fraction != 1 else "")
                      + "; llama3-70b as one rank of TP 8 (1 KV head per layer, 1/8 of the weights)."),
             "headkv_budgets": f"SnapKV-style uniform: every KV head keeps {args.kv_size} tokens "
-                              f"({args.kv_size - WINDOW} chosen + window {WINDOW}) of a long prompt",
+                              f"({args.kv_size - WINDOW} chosen + window {WINDOW}) of a long prompt; requests 1 "
+                              f"and 3 of every 4 ask for their own KV size ({args.own_kv_sizes or 'none'})",
             "model_outputs": "fake: one sampled token per request per step once its prompt is computed; "
                              "no model, no GPU; vLLM's engine-core GC freeze applied after start-up",
         },

@@ -34,11 +34,12 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
+from vllm.v1.worker.block_table import MultiGroupBlockTable
 
 __all__ = [
     "engine_config", "full_attention_specs", "dense_backend_cls", "backend_cls", "scheduler_kv_cache_config",
     "build_scheduler", "request_block_hasher", "make_request", "model_runner_output", "freeze_gc_heap",
-    "num_free_blocks", "finish_all_requests",
+    "num_free_blocks", "finish_all_requests", "RunnerTables",
 ]
 
 
@@ -98,9 +99,12 @@ def request_block_hasher(vllm_config: VllmConfig, scheduler: Scheduler):
     return get_request_block_hasher(scheduler.hash_block_size, hash_fn)
 
 
-def make_request(request_id: str, prompt_token_ids: list[int], max_tokens: int, block_hasher=None) -> Request:
-    """An engine-core ``Request``: greedy, EOS ignored, exactly ``max_tokens`` generated."""
-    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+def make_request(request_id: str, prompt_token_ids: list[int], max_tokens: int, block_hasher=None,
+                 extra_args: dict | None = None) -> Request:
+    """An engine-core ``Request``: greedy, EOS ignored, exactly ``max_tokens`` generated;
+    ``extra_args`` as a client's ``vllm_xargs`` (a request's own HEADKV KV size)."""
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0,
+                            extra_args=extra_args)
     return Request(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
                    pooling_params=None, block_hasher=block_hasher)
 
@@ -118,3 +122,68 @@ def num_free_blocks(scheduler: Scheduler) -> int:
 def finish_all_requests(scheduler: Scheduler) -> None:
     """Abort every request (as a client disconnect does); their blocks go back to the pool."""
     scheduler.finish_requests(None, RequestStatus.FINISHED_ABORTED)
+
+
+class RunnerTables:
+    """The V1 model runner's block tables (``MultiGroupBlockTable``), fed every step as
+    the runner feeds them, and their host-to-device traffic, without a GPU.
+
+    Built as ``GPUModelRunner.may_reinitialize_input_batch`` builds them (one table per
+    KV-cache group, its width from the group spec's ``max_num_blocks_per_req``); the host
+    side is real, the device side is on the ``meta`` device (shapes, no memory). ``step``
+    applies a ``SchedulerOutput`` as ``_update_states`` does (rows of finished and
+    preempted requests cleared, new and resumed requests' rows written, running requests'
+    new block ids appended), then ``commit_block_table`` as ``_prepare_inputs`` does, and
+    returns the bytes that commit copied to the device (measured on the copies made)."""
+
+    def __init__(self, vllm_config: VllmConfig, kv_cache_config):
+        groups = kv_cache_config.kv_cache_groups
+        max_len = vllm_config.model_config.max_model_len
+        self.max_num_reqs = vllm_config.scheduler_config.max_num_seqs
+        self.table = MultiGroupBlockTable(
+            max_num_reqs=self.max_num_reqs,
+            max_num_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+            pin_memory=False, device=torch.device("meta"),
+            block_sizes=[g.kv_cache_spec.block_size for g in groups],
+            max_num_blocks=[g.kv_cache_spec.max_num_blocks_per_req(vllm_config, max_len) for g in groups])
+        self.rows: dict[str, int] = {}
+        self.copied = 0
+        for block_table in self.table.block_tables:
+            buffer = block_table.block_table
+            copy = buffer.copy_to_gpu
+
+            def counted(n=None, _copy=copy):
+                out = _copy(n)
+                self.copied += out.nbytes
+                return out
+
+            buffer.copy_to_gpu = counted
+
+    def device_bytes(self) -> int:
+        """The device tensors the tables keep: block tables and slot mappings, every group."""
+        return sum(bt.block_table.gpu.nbytes + bt.slot_mapping.gpu.nbytes for bt in self.table.block_tables)
+
+    def host_bytes(self) -> int:
+        return sum(bt.block_table.cpu.nbytes + bt.slot_mapping.cpu.nbytes for bt in self.table.block_tables)
+
+    def step(self, out) -> int:
+        for req_id in (*out.finished_req_ids, *(out.preempted_req_ids or ())):
+            if req_id in self.rows:
+                self.table.clear_row(self.rows.pop(req_id))
+        for new in out.scheduled_new_reqs:
+            self.table.add_row(new.block_ids, self._free_row(new.req_id))
+        cached = out.scheduled_cached_reqs
+        for req_id, new_ids in zip(cached.req_ids, cached.new_block_ids):
+            if req_id in cached.resumed_req_ids:
+                self.table.add_row(new_ids, self._free_row(req_id))
+            elif new_ids is not None:
+                self.table.append_row(new_ids, self.rows[req_id])
+        before = self.copied
+        self.table.commit_block_table(max(self.rows.values(), default=-1) + 1)
+        return self.copied - before
+
+    def _free_row(self, req_id: str) -> int:
+        used = set(self.rows.values())
+        row = next(i for i in range(self.max_num_reqs) if i not in used)
+        self.rows[req_id] = row
+        return row
