@@ -15,7 +15,7 @@ import dataclasses
 from headkv_vllm.method.bounded import BoundedCache
 from headkv_vllm.method.budgets import BudgetRule, Budgets
 from headkv_vllm.method.request_settings import request_kv_size
-from headkv_vllm.method.layout import PageCounter, num_head_pages, row_offset, uncompressed_pages
+from headkv_vllm.method.layout import PageCounter, num_head_pages, uncompressed_pages
 from headkv_vllm.engine.vllm_access import (
     AttentionSpec,
     FullAttentionSpec,
@@ -173,8 +173,7 @@ class HeadKVManager(SingleTypeKVCacheManager):
             self.prompt_len[request_id] = num_prompt_tokens
         n = self.prompt_len.get(request_id)
         if request_id in self.chunked and n is not None and processed_computed_tokens >= n:
-            offset = row_offset(self.counter(request_id).kept_of(n), n, self.block_size)
-            self._remove_blocks_in_range(request_id, 0, offset)
+            self._remove_blocks_in_range(request_id, 0, self.counter(request_id).offset(n))
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, *args, **kwargs) -> int:
         if len(new_computed_blocks):

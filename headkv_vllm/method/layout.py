@@ -52,35 +52,40 @@ class PageCounter:
         self.kept_of = kept_of  # prompt length -> tuple of the layer's kept tokens per head
         self.block_size = block_size
         # prompt length -> its table; remade, not reordered, past the bound (looked up on every count)
-        self._tables: BoundedCache[int, tuple[int, int, list[int]]] = BoundedCache(max_tables, restart=True)
+        self._tables: BoundedCache[int, tuple[int, int, list[int], int]] = BoundedCache(max_tables, restart=True)
 
     def row_entries(self, prompt_len: int, num_tokens: int, chunked: bool) -> int:
         """Block-table entries of a request, null entries included (docs/kv_layout.md,
         "Scheduler count"): uncompressed while a chunked prompt is prefilled, then the
         leading nulls of a chunked prompt plus its head pages."""
         if num_tokens < prompt_len and chunked:
-            return uncompressed_pages(len(self.kept_of(prompt_len)), num_tokens, self.block_size)
+            return uncompressed_pages(self._table_of(prompt_len)[1], num_tokens, self.block_size)
         pages = self.pages(prompt_len, num_tokens)
         if chunked:
-            pages += row_offset(self.kept_of(prompt_len), prompt_len, self.block_size)
+            pages += self.offset(prompt_len)
         return pages
+
+    def offset(self, prompt_len: int) -> int:
+        """``row_offset`` of a chunked prompt of this length."""
+        return self._table_of(prompt_len)[3]
 
     def pages(self, prompt_len: int, num_tokens: int) -> int:
         if num_tokens < prompt_len:
             return num_head_pages(self.kept_of(prompt_len), prompt_len, num_tokens, self.block_size)
-        table = self._tables.get(prompt_len)
-        if table is None:
-            table = self._table(prompt_len)
-        whole, num_heads, last = table
+        whole, num_heads, last, _ = self._table_of(prompt_len)
         m, s = divmod(num_tokens - prompt_len, self.block_size)
         return whole + num_heads * m + last[s]
 
-    def _table(self, prompt_len: int) -> tuple[int, int, list[int]]:
+    def _table_of(self, prompt_len: int) -> tuple[int, int, list[int], int]:
+        table = self._tables.get(prompt_len)
+        if table is not None:
+            return table
         bs = self.block_size
-        kept = [min(k, prompt_len) for k in self.kept_of(prompt_len)]
+        raw = self.kept_of(prompt_len)
+        kept = [min(k, prompt_len) for k in raw]
         whole = sum(k // bs for k in kept)
         last = [sum(-(-(k % bs + s) // bs) for k in kept) for s in range(bs)]
-        return self._tables.put(prompt_len, (whole, len(kept), last))
+        return self._tables.put(prompt_len, (whole, len(kept), last, row_offset(raw, prompt_len, bs)))
 
 
 def page_positions(kept: torch.Tensor, block_size: int, max_pages: int) -> torch.Tensor:
