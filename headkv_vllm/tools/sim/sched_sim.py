@@ -29,8 +29,8 @@ scheduler (timed; resident-memory delta), freeze the GC heap as vLLM's engine co
 after start-up, then for each request count: submit the requests (prompts of random
 tokens, lengths uniform in ``--prompt-tokens``), step until every prompt is prefilled
 ("prefill" steps), then ``--decode-steps`` steps with every request decoding one token
-("decode" steps), then abort all requests (pages back to the pool). Every fourth request
-asks for its own KV size (``--own-kv-sizes``, as a client's ``vllm_xargs``; HEADKV only).
+("decode" steps), then abort all requests (pages back to the pool). Requests 1 and 3 of
+every 4 ask for their own KV size (``--own-kv-sizes``, as a client's ``vllm_xargs``; HEADKV only).
 Reported per step: ``schedule()`` and ``update_from_output()`` wall time, median and p90,
 and the model runner's page tables: vLLM's V1 ``MultiGroupBlockTable`` fed each step's
 scheduler output as the runner feeds it, the bytes its commit copies to the device and
@@ -303,7 +303,7 @@ def run_one(spec: dict) -> dict:
         },
         "page_tables": {"device_bytes": tables.device_bytes(), "host_bytes": tables.host_bytes(),
                         "tables": len(tables.table.block_tables),
-                        "width": [bt.block_table.cpu.shape[1] for bt in tables.table.block_tables[:1]][0]},
+                        "width": tables.table.block_tables[0].block_table.cpu.shape[1]},
         "runs": [],
     }
     if budgets is not None:
